@@ -1,0 +1,49 @@
+"""asyncorm: the asyncio session layer for SQLAlchemy's ORM.
+
+Example::
+
+    import asyncorm
+
+    engine = asyncorm.create_engine("sqlite:///app.db")
+    Session = asyncorm.async_sessionmaker(engine)
+
+    async with Session.begin() as session:
+        session.add(User(name="ann"))
+"""
+
+from sqlalchemy.ext.asyncio import AsyncAttrs
+
+from ._engine import create_engine, redact_url
+from ._errors import (
+    AsyncORMError,
+    ConcurrentSessionUseError,
+    ConfigurationError,
+    EventLoopMismatchError,
+    LazyLoadError,
+    NoSessionScopeError,
+    ScopeError,
+    SQLiteWriteLockError,
+    SQLiteWriteLockTimeout,
+)
+from ._query import AsyncQuery
+from ._session import AsyncSession, async_sessionmaker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncAttrs",
+    "AsyncORMError",
+    "AsyncQuery",
+    "AsyncSession",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "EventLoopMismatchError",
+    "LazyLoadError",
+    "NoSessionScopeError",
+    "SQLiteWriteLockError",
+    "SQLiteWriteLockTimeout",
+    "ScopeError",
+    "async_sessionmaker",
+    "create_engine",
+    "redact_url",
+]

@@ -1,0 +1,112 @@
+"""The exception tree of asyncorm.
+
+Every error asyncorm raises derives from :class:`AsyncORMError`; misuse errors also derive
+from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses keep working::
+
+    AsyncORMError
+    ├── ConfigurationError        (also sqlalchemy.exc.ArgumentError)
+    ├── ConcurrentSessionUseError (also RuntimeError, sqlalchemy.exc.InvalidRequestError)
+    ├── LazyLoadError             (also sqlalchemy.exc.MissingGreenlet)
+    ├── NoSessionScopeError       (also RuntimeError)
+    ├── ScopeError                (also RuntimeError)
+    ├── EventLoopMismatchError    (also RuntimeError)
+    └── SQLiteWriteLockError      (also RuntimeError)
+        └── SQLiteWriteLockTimeout (also TimeoutError)
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "AsyncORMError",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "EventLoopMismatchError",
+    "LazyLoadError",
+    "NoSessionScopeError",
+    "SQLiteWriteLockError",
+    "SQLiteWriteLockTimeout",
+    "ScopeError",
+]
+
+
+class AsyncORMError(Exception):
+    """Base class of every error raised by asyncorm.
+
+    Example::
+
+        try:
+            engine = asyncorm.create_engine(url)
+        except asyncorm.AsyncORMError as exc:
+            print(exc)
+    """
+
+
+class ConfigurationError(AsyncORMError, sa_exc.ArgumentError):
+    """A URL, driver or option asyncorm cannot work with.
+
+    Raised for an unsupported database or driver, an unparsable URL, or a driver package
+    that is not installed (the message names the pip extra to install).
+
+    Example::
+
+        >>> asyncorm.create_engine("mysql://db/app")
+        Traceback (most recent call last):
+        asyncorm.ConfigurationError: Unsupported database URL 'mysql://db/app': ...
+    """
+
+
+class ConcurrentSessionUseError(AsyncORMError, RuntimeError, sa_exc.InvalidRequestError):
+    """Two tasks tried to run IO on one session at the same time.
+
+    A session runs one operation at a time. Give each concurrent task its own session
+    (``async with db.scope():`` inside the task) or await the operations in turn.
+    """
+
+
+class LazyLoadError(AsyncORMError, sa_exc.MissingGreenlet):
+    """An attribute access needed IO, which cannot happen implicitly under asyncio.
+
+    The message names the attribute and the fixes: eager loading (``selectinload``),
+    ``await session.refresh(obj, [name])`` or ``await obj.awaitable_attrs.name``.
+    """
+
+
+class NoSessionScopeError(AsyncORMError, RuntimeError):
+    """``db()`` was called outside any scope on a registry created with ``strict=True``.
+
+    Open a scope first: ``async with db.scope():``, decorate the coroutine with
+    ``@db.scoped``, or install the framework middleware.
+    """
+
+
+class ScopeError(AsyncORMError, RuntimeError):
+    """A registry scope was used against its rules (e.g. exited from another task)."""
+
+
+class EventLoopMismatchError(AsyncORMError, RuntimeError):
+    """An engine's pool was used from a different event loop than the one it was created on.
+
+    Call ``await engine.dispose()`` inside the new loop before using the engine there, or
+    create the engine with ``poolclass=NullPool``.
+    """
+
+
+class SQLiteWriteLockError(AsyncORMError, RuntimeError):
+    """A SQLite transaction cannot get the database's write lock.
+
+    asyncorm serialises SQLite transactions of one engine in-process, so that
+    read-modify-write transactions neither lose updates nor fail with "database is locked".
+    This error is raised when waiting would deadlock: the task waiting for the lock is the
+    task that holds it through another connection (e.g. a second session opened inside the
+    first one's transaction).
+    """
+
+
+class SQLiteWriteLockTimeout(SQLiteWriteLockError, TimeoutError):
+    """Waiting for a SQLite database's write lock took longer than the engine's timeout.
+
+    The timeout is the engine's ``connect_args={"timeout": seconds}`` (30 by default), the
+    same value SQLite's own busy timeout uses. Keep transactions short, or raise it.
+    """

@@ -1,0 +1,201 @@
+"""The SQLite profile: pragmas, real transactions and in-process writer serialisation.
+
+pysqlite (and so aiosqlite) emits no BEGIN before a SELECT, so with SQLAlchemy's defaults a
+read-modify-write transaction reads outside its transaction and concurrent ones lose updates.
+Emitting plain ``BEGIN`` fixes the reads, but two deferred transactions that both read and
+then write fail with "database is locked" when the second tries to upgrade its lock.
+
+This profile follows SQLAlchemy's documented recipe for pysqlite transactions (the driver's
+own transaction handling off, ``BEGIN`` emitted from the ``begin`` event), with two changes:
+
+* every transaction starts with ``BEGIN IMMEDIATE``, so it holds SQLite's write lock from its
+  first read and no later write can fail or see a stale read;
+* the engine's transactions take turns on an :class:`asyncio.Lock` before they send BEGIN, so
+  a waiting transaction awaits in the event loop instead of spinning in SQLite's busy
+  handler. The lock is held from BEGIN until the connection returns to the pool, which a
+  Session does when its transaction ends.
+
+Other processes writing the same file are still handled by SQLite's busy timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.util import await_
+
+from ._errors import ConfigurationError, SQLiteWriteLockError, SQLiteWriteLockTimeout
+
+__all__ = ["prepare"]
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds to wait for the write lock: SQLite's busy timeout and asyncorm's lock wait."""
+
+_InstallHook = Callable[[AsyncEngine], None]
+
+
+def _is_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _InstallHook]:
+    """Apply the SQLite profile to the URL and engine arguments."""
+    connect_args = dict(kwargs.pop("connect_args", None) or {})
+    raw_timeout = connect_args.get("timeout", url.query.get("timeout", DEFAULT_TIMEOUT))
+    try:
+        timeout = float(raw_timeout)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"SQLite timeout must be a number of seconds, got {raw_timeout!r}."
+        ) from None
+    connect_args["timeout"] = timeout
+    # the driver's own implicit BEGIN handling off: the profile emits BEGIN itself
+    connect_args.setdefault("isolation_level", None)
+    kwargs["connect_args"] = connect_args
+
+    keeper: sqlite3.Connection | None = None
+    if _is_memory(url):
+        # One in-memory database per engine, shared by the engine's pooled connections,
+        # each with a transaction of its own (the memdb VFS does proper locking). A
+        # single-connection StaticPool would make concurrent sessions share a transaction.
+        name = f"/asyncorm-{uuid.uuid4().hex}"
+        url = url.set(database=f"file:{name}", query={"vfs": "memdb", "uri": "true"})
+        # keeps the database alive while the engine exists, even with no connection open
+        keeper = sqlite3.connect(f"file:{name}?vfs=memdb", uri=True, check_same_thread=False)
+        label = "in-memory database"
+        kwargs.setdefault("poolclass", AsyncAdaptedQueuePool)
+    else:
+        label = repr(url.database)
+    autocommit = kwargs.get("isolation_level") == "AUTOCOMMIT"
+    wal = keeper is None
+    profile = _SQLiteProfile(label, timeout, autocommit=autocommit, wal=wal)
+
+    def install(engine: AsyncEngine) -> None:
+        profile.install(engine)
+        if keeper is not None:
+            weakref.finalize(engine.sync_engine, keeper.close)
+
+    return url, kwargs, install
+
+
+class _WriterSlot:
+    """The write lock of one engine within one event loop, and who holds it."""
+
+    __slots__ = ("holder", "lock", "since", "task")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.holder: object | None = None  # the holding pool entry's record_info
+        self.task: asyncio.Task[Any] | None = None
+        self.since = 0.0
+
+
+class _SQLiteProfile:
+    def __init__(self, label: str, timeout: float, *, autocommit: bool, wal: bool) -> None:
+        self.label = label
+        self.timeout = timeout
+        self.autocommit = autocommit
+        self.pragmas = ["PRAGMA foreign_keys=ON"]
+        if wal:
+            self.pragmas += ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"]
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriterSlot] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def install(self, engine: AsyncEngine) -> None:
+        sync_engine = engine.sync_engine
+        event.listen(sync_engine, "connect", self._on_connect)
+        event.listen(sync_engine, "begin", self._on_begin)
+        event.listen(sync_engine, "checkin", self._on_return)
+        event.listen(sync_engine, "detach", self._on_return)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _on_connect(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in self.pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    def _on_begin(self, conn: Connection) -> None:
+        if self.autocommit or conn.get_execution_options().get("isolation_level") == (
+            "AUTOCOMMIT"
+        ):
+            return
+        record = conn.connection.record_info
+        slot = self._slot()
+        acquired = slot.holder is not record
+        if acquired:
+            self._acquire(slot, record)
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            if acquired:
+                self._release(slot)
+            raise
+
+    def _on_return(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+        record = connection_record.record_info
+        for slot in list(self._slots.values()):
+            if slot.holder is record:
+                self._release(slot)
+
+    # -- the lock -------------------------------------------------------------------------
+
+    def _slot(self) -> _WriterSlot:
+        loop = asyncio.get_running_loop()
+        slot = self._slots.get(loop)
+        if slot is None:
+            slot = self._slots[loop] = _WriterSlot()
+        return slot
+
+    def _acquire(self, slot: _WriterSlot, record: object) -> None:
+        task = asyncio.current_task()
+        if slot.holder is not None and task is not None and slot.task is task:
+            raise SQLiteWriteLockError(
+                f"Task {task.get_name()!r} already holds the write lock of the SQLite "
+                f"{self.label} through another connection (for {self._held_for(slot)}) and "
+                f"now begins a second transaction; waiting for itself would deadlock. "
+                f"SQLite runs one write transaction at a time: commit, roll back or close "
+                f"the first session before beginning another in the same task, or use one "
+                f"session for both."
+            )
+        try:
+            await_(self._wait(slot, record, task))
+        except TimeoutError:
+            holder = slot.task.get_name() if slot.task is not None else "unknown"
+            raise SQLiteWriteLockTimeout(
+                f"Waited {self.timeout:g}s for the write lock of the SQLite {self.label}; "
+                f"task {holder!r} has held it for {self._held_for(slot)}. Keep transactions "
+                f"short (don't await other work inside them) or raise the engine's "
+                f"connect_args={{'timeout': seconds}}."
+            ) from None
+
+    async def _wait(self, slot: _WriterSlot, record: object, task: asyncio.Task[Any] | None) -> None:
+        async with asyncio.timeout(self.timeout):
+            await slot.lock.acquire()
+        slot.holder, slot.task, slot.since = record, task, time.monotonic()
+
+    @staticmethod
+    def _release(slot: _WriterSlot) -> None:
+        slot.holder = slot.task = None
+        try:
+            slot.lock.release()
+        except RuntimeError:  # the lock's event loop is closed: nobody can be waiting
+            pass
+
+    @staticmethod
+    def _held_for(slot: _WriterSlot) -> str:
+        return f"{time.monotonic() - slot.since:.1f}s"

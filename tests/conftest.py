@@ -1,0 +1,93 @@
+"""Shared fixtures: the ``backend`` parametrisation over SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import asyncorm
+from tests.models import Base
+
+POSTGRES_URL = os.environ.get(
+    "ASYNCORM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("ASYNCORM_REQUIRE_POSTGRES") == "1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A database the tests run against: its name (``sqlite``/``postgresql``) and URL."""
+
+    name: str
+    url: str
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.name == "sqlite"
+
+
+@cache
+def postgres_unreachable() -> str | None:
+    """Why PostgreSQL cannot be used, or None when its port answers."""
+    url = make_url(POSTGRES_URL)
+    host, port = url.host or "127.0.0.1", url.port or 5432
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return (
+            f"PostgreSQL at {host}:{port} is unreachable ({exc.strerror or exc}); set "
+            f"ASYNCORM_TEST_POSTGRES_URL, or ASYNCORM_REQUIRE_POSTGRES=1 to fail instead"
+        )
+    return None
+
+
+def postgres_url() -> str:
+    """The PostgreSQL URL, skipping (or failing, when required) if it is unreachable."""
+    reason = postgres_unreachable()
+    if reason is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each test that uses it runs once on a SQLite file and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return Backend("sqlite", f"sqlite:///{tmp_path / 'test.db'}")
+    return Backend("postgresql", postgres_url())
+
+
+async def reset_schema(engine: AsyncEngine) -> None:
+    """Drop and create the test tables."""
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+
+
+@pytest.fixture
+async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``backend`` with fresh test tables; fails the test if it leaks."""
+    eng = asyncorm.create_engine(backend.url)
+    await reset_schema(eng)
+    try:
+        yield eng
+        checked_out = eng.pool.checkedout()  # type: ignore[attr-defined]
+        assert checked_out == 0, f"{checked_out} connection(s) still checked out"
+    finally:
+        await eng.dispose()
+
+
+@pytest.fixture
+def Session(engine: AsyncEngine) -> asyncorm.async_sessionmaker[asyncorm.AsyncSession]:  # noqa: N802
+    """asyncorm's session factory bound to ``engine``."""
+    return asyncorm.async_sessionmaker(engine)
