@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 from typing import Any
 
@@ -28,14 +28,14 @@ _BACKENDS = {
     "postgres": ("postgresql", "asyncpg", "postgresql"),
 }
 
-_PASSWORD_IN_TEXT = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_SCHEME = re.compile(r"[\w+.\-]*:/*")
 
 
 def redact_url(url: str | URL) -> str:
     """Render ``url`` for a message or a log line, with any password replaced by ``***``.
 
-    Works on text that does not even parse as a URL, so it is safe for error messages
-    about bad input.
+    Works on text that does not even parse as a URL (then everything before the last ``@``
+    but the scheme is hidden), so it is safe for error messages about bad input.
 
     Example::
 
@@ -44,7 +44,15 @@ def redact_url(url: str | URL) -> str:
     """
     if isinstance(url, URL):
         return url.render_as_string(hide_password=True)
-    return _PASSWORD_IN_TEXT.sub(r"\1***@", url)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (sa_exc.ArgumentError, ValueError):
+        pass
+    if "@" not in url:
+        return url
+    head, _, tail = url.rpartition("@")
+    match = _SCHEME.match(head)
+    return f"{match.group(0) if match else ''}***@{tail}"
 
 
 def _parse(url: str | URL) -> URL:
@@ -66,11 +74,13 @@ def _parse(url: str | URL) -> URL:
 
 
 def _require_driver(module: str, extra: str, shown: str) -> None:
-    if importlib.util.find_spec(module) is None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
         raise ConfigurationError(
             f"The URL {shown!r} needs the {module} driver, which is not installed. "
             f"Install it with: pip install 'asyncorm[{extra}]'"
-        )
+        ) from None
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:

@@ -84,11 +84,16 @@ class AsyncQuery(Generic[_T]):
         """True when the query returns objects rather than rows."""
         return len(self._entities) == 1 and _is_entity(self._entities[0])
 
-    def _shape(self, result: Result[Any]) -> Any:
-        if not any(_is_entity(entity) for entity in self._entities):
-            return result
-        shaped: Any = result.scalars() if self.is_single_entity else result
-        return shaped.unique()
+    @staticmethod
+    def _shape(result: Result[Any]) -> Any:
+        # exactly what the sync Query._iter() does: the ORM marks its results with whether
+        # they hold one entity per row and whether they contain ORM entities to de-duplicate
+        shaped: Any = result
+        if result._attributes.get("is_single_entity", False):
+            shaped = shaped.scalars()
+        if result._attributes.get("filtered", False):
+            shaped = shaped.unique()
+        return shaped
 
     async def _run(self, statement: Select[Any] | None = None) -> Any:
         result = await self._session.execute(
@@ -233,11 +238,31 @@ class AsyncQuery(Generic[_T]):
     async def get(self, ident: Any) -> _T | None:
         """The object with primary key ``ident``, from the identity map when present.
 
-        As :meth:`AsyncSession.get`, with this query's loader options and FOR UPDATE.
+        As :meth:`AsyncSession.get`, with this query's loader options, FOR UPDATE and
+        execution options (``populate_existing()`` reloads a present object). As in the sync
+        Query, a query with criteria raises :class:`~sqlalchemy.exc.InvalidRequestError`.
         """
         entity = self._bulk_entity("get")
-        return await self._session.get(  # type: ignore[no-any-return]
-            entity, ident, options=self._load_options, with_for_update=self._for_update
+        statement = self._statement
+        if (
+            statement._where_criteria
+            or statement._from_obj
+            or statement._setup_joins
+            or statement._limit_clause is not None
+            or statement._offset_clause is not None
+            or statement._group_by_clauses
+        ):
+            raise InvalidRequestError(
+                "query().get() looks an object up by primary key alone, but this query has "
+                "criteria (filter, join, limit, offset or group_by) it would ignore; call "
+                "get() on session.query(Entity) or use one_or_none()."
+            )
+        return await self._session.get(
+            entity,
+            ident,
+            options=self._load_options,
+            with_for_update=self._for_update,
+            execution_options=statement.get_execution_options(),
         )
 
     async def delete(self, synchronize_session: SynchronizeSession = "auto") -> int:
@@ -250,7 +275,11 @@ class AsyncQuery(Generic[_T]):
         if self._statement.whereclause is not None:
             statement = statement.where(self._statement.whereclause)
         result = await self._session.execute(
-            statement, execution_options={"synchronize_session": synchronize_session}
+            statement,
+            execution_options={
+                **self._statement.get_execution_options(),
+                "synchronize_session": synchronize_session,
+            },
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -262,7 +291,11 @@ class AsyncQuery(Generic[_T]):
         if self._statement.whereclause is not None:
             statement = statement.where(self._statement.whereclause)
         result = await self._session.execute(
-            statement, execution_options={"synchronize_session": synchronize_session}
+            statement,
+            execution_options={
+                **self._statement.get_execution_options(),
+                "synchronize_session": synchronize_session,
+            },
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 

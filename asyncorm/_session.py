@@ -53,7 +53,7 @@ class AsyncSession(sa_asyncio.AsyncSession):
         return AsyncQuery(self, entities)
 
 
-class async_sessionmaker(sa_asyncio.async_sessionmaker[_AS]):  # noqa: N801 - SQLAlchemy's name
+class async_sessionmaker(sa_asyncio.async_sessionmaker[_AS]):
     """A configured :class:`AsyncSession` factory, as SQLAlchemy's ``async_sessionmaker``.
 
     Differences from SQLAlchemy's: it produces :class:`asyncorm.AsyncSession`, and

@@ -21,6 +21,7 @@ Other processes writing the same file are still handled by SQLite's busy timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -53,7 +54,7 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
     connect_args = dict(kwargs.pop("connect_args", None) or {})
     raw_timeout = connect_args.get("timeout", url.query.get("timeout", DEFAULT_TIMEOUT))
     try:
-        timeout = float(raw_timeout)  # type: ignore[arg-type]
+        timeout = float(raw_timeout)
     except (TypeError, ValueError):
         raise ConfigurationError(
             f"SQLite timeout must be a number of seconds, got {raw_timeout!r}."
@@ -183,7 +184,9 @@ class _SQLiteProfile:
                 f"connect_args={{'timeout': seconds}}."
             ) from None
 
-    async def _wait(self, slot: _WriterSlot, record: object, task: asyncio.Task[Any] | None) -> None:
+    async def _wait(
+        self, slot: _WriterSlot, record: object, task: asyncio.Task[Any] | None
+    ) -> None:
         async with asyncio.timeout(self.timeout):
             await slot.lock.acquire()
         slot.holder, slot.task, slot.since = record, task, time.monotonic()
@@ -191,10 +194,9 @@ class _SQLiteProfile:
     @staticmethod
     def _release(slot: _WriterSlot) -> None:
         slot.holder = slot.task = None
-        try:
+        # RuntimeError: the lock's event loop is closed, so nobody can be waiting
+        with contextlib.suppress(RuntimeError):
             slot.lock.release()
-        except RuntimeError:  # the lock's event loop is closed: nobody can be waiting
-            pass
 
     @staticmethod
     def _held_for(slot: _WriterSlot) -> str:

@@ -88,6 +88,6 @@ async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-def Session(engine: AsyncEngine) -> asyncorm.async_sessionmaker[asyncorm.AsyncSession]:  # noqa: N802
+def Session(engine: AsyncEngine) -> asyncorm.async_sessionmaker[asyncorm.AsyncSession]:
     """asyncorm's session factory bound to ``engine``."""
     return asyncorm.async_sessionmaker(engine)
