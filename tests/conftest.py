@@ -42,10 +42,7 @@ def postgres_unreachable() -> str | None:
     try:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as exc:
-        return (
-            f"PostgreSQL at {host}:{port} is unreachable ({exc.strerror or exc}); set "
-            f"ASYNCORM_TEST_POSTGRES_URL, or ASYNCORM_REQUIRE_POSTGRES=1 to fail instead"
-        )
+        return f"PostgreSQL at {host}:{port} is unreachable ({exc.strerror or exc})"
     return None
 
 
@@ -54,8 +51,11 @@ def postgres_url() -> str:
     reason = postgres_unreachable()
     if reason is not None:
         if REQUIRE_POSTGRES:
-            pytest.fail(reason)
-        pytest.skip(reason)
+            pytest.fail(f"{reason} and ASYNCORM_REQUIRE_POSTGRES=1 is set")
+        pytest.skip(
+            f"{reason}; set ASYNCORM_TEST_POSTGRES_URL to use another server, "
+            f"or ASYNCORM_REQUIRE_POSTGRES=1 to fail instead"
+        )
     return POSTGRES_URL
 
 
