@@ -182,11 +182,11 @@ class AsyncQuery(Generic[_T]):
                    "key_share": key_share}
         return self._derive(self._statement.with_for_update(**options), for_update=options)
 
-    def with_entities(self, *entities: Any) -> Self:
+    def with_entities(self, *entities: Any) -> AsyncQuery[Any]:
         """Replace what the query selects, keeping its criteria."""
         return self._derive(self._statement.with_only_columns(*entities), entities=entities)
 
-    def add_columns(self, *columns: Any) -> Self:
+    def add_columns(self, *columns: Any) -> AsyncQuery[Any]:
         """Select more columns or entities; the query then returns rows."""
         return self._derive(
             self._statement.add_columns(*columns), entities=self._entities + columns
