@@ -7,6 +7,7 @@ import logging
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select, text
@@ -404,23 +405,49 @@ async def test_autocommit_connections_take_no_lock(tmp_path: Path) -> None:
         await engine.dispose()
 
 
-@pytest.mark.parametrize("pre_ping", [True, False])
-async def test_postgresql_pre_ping_replaces_a_dead_connection(pre_ping: bool) -> None:
+async def _terminate_pooled_connection(engine: AsyncEngine, admin: AsyncEngine) -> Any:
+    """Use a pooled connection once, then have the server kill it; return asyncpg's object."""
+    async with engine.connect() as conn:
+        pid = await conn.scalar(text("select pg_backend_pid()"))
+        driver = (await conn.get_raw_connection()).driver_connection
+    async with admin.connect() as conn:
+        await conn.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
+    return driver
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"pool_pre_ping_after": 0}, {"pool_pre_ping": False}],
+    ids=["default", "ping-every-checkout", "no-pre-ping"],
+)
+async def test_postgresql_pre_ping_replaces_a_dead_connection(options: dict[str, Any]) -> None:
     url = postgres_url()
-    kwargs = {} if pre_ping else {"pool_pre_ping": False}
-    engine = asyncorm.create_engine(url, **kwargs)
+    engine = asyncorm.create_engine(url, **options)
     admin = asyncorm.create_engine(url, poolclass=NullPool)
     try:
+        dead = await _terminate_pooled_connection(engine, admin)
+        if not options:
+            # by default a connection idle for less than 5 s is not pinged; one whose socket
+            # the server closed is still replaced, without a round trip, once asyncpg has
+            # seen the close: let the event loop run until it has
+            async with admin.connect() as conn:
+                for _ in range(1000):
+                    if dead.is_closed():
+                        break
+                    await conn.execute(text("select 1"))
+            assert dead.is_closed()
         async with engine.connect() as conn:
-            pid = await conn.scalar(text("select pg_backend_pid()"))
-        async with admin.connect() as conn:  # the server goes away under the pooled one
-            await conn.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
-        async with engine.connect() as conn:
-            if pre_ping:  # the default: the dead connection is replaced on checkout
-                assert await conn.scalar(text("select pg_backend_pid()")) != pid
-            else:
+            if options.get("pool_pre_ping") is False:
                 with pytest.raises(DBAPIError):
                     await conn.scalar(text("select 1"))
+            else:
+                assert (await conn.get_raw_connection()).driver_connection is not dead
+                assert await conn.scalar(text("select 1")) == 1
     finally:
         await engine.dispose()
         await admin.dispose()
+
+
+async def test_postgresql_pre_ping_after_must_be_a_duration() -> None:
+    with pytest.raises(asyncorm.ConfigurationError, match="pool_pre_ping_after must be"):
+        asyncorm.create_engine("postgresql://u@h/db", pool_pre_ping_after=-1)

@@ -1,0 +1,170 @@
+"""The PostgreSQL profile's deferred BEGIN: plain reads skip the transaction block, nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import asyncorm
+from asyncorm._postgresql import _is_plain_read
+from tests.conftest import postgres_url, reset_schema
+from tests.models import User
+
+Factory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
+
+
+@pytest.fixture
+async def pg_engine() -> AsyncIterator[AsyncEngine]:
+    engine = asyncorm.create_engine(postgres_url())
+    await reset_schema(engine)
+    async with engine.begin() as conn:
+        await conn.execute(insert(User).values(id=1, name="ann"))
+    yield engine
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await engine.dispose()
+
+
+async def in_transaction_block(session: asyncorm.AsyncSession) -> bool:
+    """Whether the session's connection is inside BEGIN ... on the server (no IO)."""
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    return bool(driver.is_in_transaction())
+
+
+async def test_a_plain_read_sends_no_begin(pg_engine: AsyncEngine) -> None:
+    async with asyncorm.async_sessionmaker(pg_engine)() as session:
+        assert (await session.get(User, 1)) is not None
+        assert (await session.scalars(select(User).where(User.name == "ann"))).one()
+        assert await session.scalar(select(func.count()).select_from(User)) == 1
+        assert not await in_transaction_block(session)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        select(User).with_for_update(),
+        text("SET LOCAL statement_timeout = 5000"),
+        select(func.pg_advisory_xact_lock(1)),
+        select(func.txid_current()),
+    ],
+    ids=["for-update", "set-local", "advisory-xact-lock", "txid-current"],
+)
+async def test_anything_but_a_plain_read_begins_first(
+    pg_engine: AsyncEngine, statement: Any
+) -> None:
+    async with asyncorm.async_sessionmaker(pg_engine)() as session:
+        await session.execute(statement)
+        assert await in_transaction_block(session)
+
+
+async def test_a_flush_after_reads_is_one_atomic_transaction(pg_engine: AsyncEngine) -> None:
+    Session = asyncorm.async_sessionmaker(pg_engine)
+    async with Session() as session:
+        ann = await session.get(User, 1)
+        assert ann is not None
+        ann.name = "changed"
+        session.add(User(id=2, name="bob"))
+        await session.flush()
+        assert await in_transaction_block(session)
+        await session.rollback()
+    async with Session() as session:
+        rows = (await session.execute(select(User.id, User.name).order_by(User.id))).all()
+        assert [tuple(row) for row in rows] == [(1, "ann")]
+
+
+async def test_for_update_locks_until_the_transaction_ends(pg_engine: AsyncEngine) -> None:
+    Session = asyncorm.async_sessionmaker(pg_engine)
+    async with Session() as holder, Session() as other:
+        await holder.execute(select(User).where(User.id == 1).with_for_update())
+        with pytest.raises(Exception, match="could not obtain lock"):
+            await other.execute(select(User).where(User.id == 1).with_for_update(nowait=True))
+
+
+async def test_streaming_begins_for_its_server_side_cursor(pg_engine: AsyncEngine) -> None:
+    async with asyncorm.async_sessionmaker(pg_engine)() as session:
+        result = await session.stream_scalars(select(User))
+        assert [user.name async for user in result] == ["ann"]
+        assert await in_transaction_block(session)
+
+
+async def test_savepoint_after_a_read(pg_engine: AsyncEngine) -> None:
+    Session = asyncorm.async_sessionmaker(pg_engine)
+    async with Session.begin() as session:
+        await session.get(User, 1)
+        async with session.begin_nested():
+            session.add(User(id=3, name="kept"))
+        nested = await session.begin_nested()
+        session.add(User(id=4, name="discarded"))
+        await session.flush()
+        await nested.rollback()
+    async with Session() as session:
+        assert (await session.scalars(select(User.id).order_by(User.id))).all() == [1, 3]
+
+
+async def test_repeatable_read_begins_at_once_and_keeps_its_snapshot(
+    pg_engine: AsyncEngine,
+) -> None:
+    Session = asyncorm.async_sessionmaker(pg_engine)
+    async with Session() as session:
+        await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        assert await session.scalar(select(func.count()).select_from(User)) == 1
+        assert await in_transaction_block(session)
+        async with Session.begin() as writer:
+            writer.add(User(id=5, name="later"))
+        assert await session.scalar(select(func.count()).select_from(User)) == 1
+
+
+async def test_defer_begin_false_begins_at_the_first_read() -> None:
+    engine = asyncorm.create_engine(postgres_url(), defer_begin=False)
+    try:
+        await reset_schema(engine)
+        async with asyncorm.async_sessionmaker(engine)() as session:
+            await session.execute(select(User))
+            assert await in_transaction_block(session)
+    finally:
+        await engine.dispose()
+
+
+async def test_connection_is_transactional_again_after_a_deferred_one(
+    pg_engine: AsyncEngine,
+) -> None:
+    Session = asyncorm.async_sessionmaker(pg_engine)
+    for _ in range(2):  # the same pooled connection, once deferred, then written through
+        async with Session() as session:
+            await session.get(User, 1)
+    async with Session() as session:
+        session.add(User(id=6, name="x"))
+        await session.flush()
+        assert await in_transaction_block(session)
+        await session.rollback()
+
+
+@pytest.mark.parametrize(
+    ("sql", "plain"),
+    [
+        ("SELECT users.id FROM users WHERE users.id = $1::INTEGER", True),
+        ("SELECT count(*) AS count_1 FROM users", True),
+        ("SELECT lower(users.name) FROM users WHERE users.id IN ($1, $2)", True),
+        ("SELECT users.id FROM users FOR UPDATE", False),
+        ("SELECT users.id FROM users FOR NO KEY UPDATE OF users", False),
+        ("SELECT users.id FROM users FOR SHARE", False),
+        ("SELECT * INTO copy FROM users", False),
+        ("SELECT nextval('users_id_seq')", False),
+        ("SELECT my_function(users.id) FROM users", False),
+        ('SELECT "my_function"(1)', False),
+        ("WITH d AS (DELETE FROM users RETURNING id) SELECT * FROM d", False),
+        ("UPDATE users SET name = $1", False),
+        ("select 1", True),
+        ("SET LOCAL statement_timeout = 5000", False),
+        ("SELECT now()", False),  # inside a transaction, the time it began
+        ("SELECT CURRENT_TIMESTAMP", False),
+        ("SELECT random()", False),
+    ],
+)
+def test_plain_read_classification(sql: str, plain: bool) -> None:
+    assert _is_plain_read(sql) is plain
