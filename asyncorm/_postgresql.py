@@ -185,7 +185,8 @@ class _DeferredBegin:
 
     @staticmethod
     def _on_end(conn: Connection) -> None:
-        if conn.info.pop(_DEFERRED, False):
+        # an invalidated connection is discarded with its info: nothing to restore
+        if not conn.invalidated and conn.info.pop(_DEFERRED, False):
             conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
 
     @staticmethod
