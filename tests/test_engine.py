@@ -14,6 +14,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util import greenlet_spawn
 
 import asyncorm
 from tests.conftest import Backend, postgres_url, reset_schema
@@ -451,3 +452,27 @@ async def test_postgresql_pre_ping_replaces_a_dead_connection(options: dict[str,
 async def test_postgresql_pre_ping_after_must_be_a_duration() -> None:
     with pytest.raises(asyncorm.ConfigurationError, match="pool_pre_ping_after must be"):
         asyncorm.create_engine("postgresql://u@h/db", pool_pre_ping_after=-1)
+
+
+async def test_sqlite_connection_returned_inside_a_transaction_is_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """The profile's own reset: only an open transaction costs a rollback on return."""
+    engine = asyncorm.create_engine(f"sqlite:///{tmp_path / 'r.db'}", pool_size=1)
+    try:
+        await reset_schema(engine)
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            await conn.commit()
+        # bypass SQLAlchemy's Connection: the pool is the only one left to roll back
+        raw = await greenlet_spawn(engine.sync_engine.raw_connection)
+        assert raw.driver_connection is driver  # pool_size=1: the same connection
+        await driver.execute("BEGIN")
+        await driver.execute("INSERT INTO users (id, name) VALUES (1, 'pending')")
+        await greenlet_spawn(raw.close)
+        assert not driver.in_transaction
+        async with engine.connect() as conn:
+            assert await conn.scalar(select(func.count()).select_from(User)) == 0
+    finally:
+        await engine.dispose()
