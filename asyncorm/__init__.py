@@ -26,6 +26,7 @@ from ._errors import (
     SQLiteWriteLockTimeout,
 )
 from ._query import AsyncQuery
+from ._registry import async_scoped_session
 from ._session import AsyncSession, async_sessionmaker
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
+    "async_scoped_session",
     "async_sessionmaker",
     "create_engine",
     "redact_url",

@@ -1,0 +1,619 @@
+"""``async_scoped_session``: the per-task session registry.
+
+The state of a registry is one :class:`~contextvars.ContextVar` holding an immutable
+:class:`_Scope`: which task owns it, its session (``None`` until the first ``db()``), the
+scope frame that opened it (``None`` for a session a task got outside any scope), and the
+session arguments. A task spawned inside a scope inherits a *copy* of its parent's context,
+so it sees the parent's scope; the owner check makes it ignore that scope instead of sharing
+the parent's session. Nothing is keyed by task id and no mutable mapping is shared.
+
+Every session the registry creates is tracked by a weak reference (:class:`_Tracker`) kept
+in the registry's set of live sessions until the session is closed; if the session is
+garbage collected first (the event loop was torn down), the tracker's callback warns with a
+``ResourceWarning`` naming where the session was created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, ParamSpec, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
+from sqlalchemy.orm.session import _SessionCloseState
+
+from ._errors import NoSessionScopeError, ScopeError
+from ._session import AsyncSession
+
+__all__ = ["async_scoped_session"]
+
+_AS = TypeVar("_AS", bound=AsyncSession)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+_markcoroutinefunction = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_current_task = asyncio.current_task
+
+_Site = tuple[str, int, str]  # file, line, function where a registry session was created
+
+
+class _Scope(NamedTuple, Generic[_AS]):
+    """The value of a registry's ContextVar: one task's scope. Never mutated; replaced."""
+
+    owner: asyncio.Task[Any]
+    session: _AS | None
+    tracker: _Tracker | None  # in the registry's live set until `session` is closed
+    frame: _ScopeContext[_AS] | None  # None: the task's own session, outside any scope
+    kwargs: Mapping[str, Any]
+
+
+if TYPE_CHECKING:
+    # For type checkers the registry *is* an AsyncSession: `db.add`, `await db.commit()`,
+    # `db.execute(...)`, `db.query(User)` get AsyncSession's own signatures. At run time the
+    # members are proxies generated from the class by _install_session_proxies().
+    _SessionAPI = AsyncSession
+else:
+
+    class _SessionAPI:
+        __slots__ = ()
+
+
+class async_scoped_session(_SessionAPI, Generic[_AS]):
+    """The per-task session registry: ``db()`` is the session of the current unit of work.
+
+    The asyncio replacement for the thread-local ``scoped_session``, built on contextvars:
+
+    * ``async with db.scope() as session:`` (or ``@db.scoped``, or the framework middleware)
+      binds one session to the current task; leaving the scope closes it (uncommitted work
+      rolled back, connection returned), even when the task is cancelled. No session takes
+      a connection before its first IO.
+    * ``db()`` in the task that opened the scope returns that scope's session. A nested
+      scope in the same task opens a new, independent session and restores the outer one
+      when it ends.
+    * A task with no scope of its own, including a child task spawned inside a scope (it
+      inherits a copy of its parent's context), never gets another task's session: ``db()``
+      there returns a session owned by that task, closed automatically when the task ends
+      however it ends. With ``strict=True`` it raises :class:`NoSessionScopeError` instead.
+    * Every public :class:`AsyncSession` member is proxied: ``db.add(obj)``,
+      ``await db.commit()``, ``await db.execute(stmt)``, ``db.query(User)``, ``db.new`` ...
+      each acting on ``db()`` looked up where the call is written. For type checkers the
+      registry is an ``AsyncSession`` (so these are typed); at run time it is not one.
+
+    Example::
+
+        db = asyncorm.async_scoped_session(asyncorm.async_sessionmaker(engine))
+
+        async def handler(user_id: int) -> str:
+            user = await db.get(User, user_id)      # the request's session
+            return user.name
+
+        async with db.scope():
+            await handler(5)
+            db.add(User(name="ann"))
+            await db.commit()
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ("__weakref__", "_closing", "_contextvar", "_live", "session_factory", "strict")
+
+    session_factory: Callable[..., _AS]
+    """The factory given to the constructor, for when an unscoped session is needed."""
+
+    strict: bool
+    """Whether ``db()`` outside a scope of the current task raises NoSessionScopeError."""
+
+    def __init__(self, session_factory: Callable[..., _AS], *, strict: bool = False) -> None:
+        self.session_factory = session_factory
+        self.strict = strict
+        self._contextvar: ContextVar[_Scope[_AS] | None] = ContextVar(
+            "asyncorm_scope", default=None
+        )
+        # trackers of the sessions created and not closed yet (weak: holds no session)
+        self._live: set[_Tracker] = set()
+        # background closes in flight: strong references, so the loop cannot drop them
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        strict = ", strict=True" if self.strict else ""
+        return f"<async_scoped_session of {self.session_factory!r}{strict}>"
+
+    # -- the current session --------------------------------------------------------------
+
+    def __call__(self) -> _AS:
+        """Return the current task's session, creating it on first use.
+
+        Inside a scope opened by this task: that scope's session. Anywhere else: a session
+        owned by the current task and closed when the task ends, or, on a strict registry,
+        :class:`NoSessionScopeError`. Raises :class:`ScopeError` outside any asyncio task.
+
+        Unlike SQLAlchemy's registry it takes no arguments: pass session arguments to
+        :meth:`scope`.
+        """
+        scope = self._contextvar.get()
+        try:
+            task = _current_task()
+        except RuntimeError:  # no running event loop
+            task = None
+        if scope is not None and scope.owner is task:
+            session = scope.session
+            if session is not None:
+                return session
+        return self._resolve(scope, task)
+
+    def _resolve(self, scope: _Scope[_AS] | None, task: asyncio.Task[Any] | None) -> _AS:
+        """The slow path of ``db()``: create the session the current task should see."""
+        if task is None:
+            raise ScopeError(_no_task_message("db()"))
+        if scope is not None and scope.owner is task:  # own scope, first use
+            session, tracker = self._create(task, scope.kwargs)
+            self._contextvar.set(_Scope(task, session, tracker, scope.frame, scope.kwargs))
+            if scope.frame is None:
+                task.add_done_callback(functools.partial(self._task_done, session, tracker))
+            return session
+        if self.strict:
+            raise NoSessionScopeError(_strict_message(task, scope))
+        session, tracker = self._create(task, {})
+        self._contextvar.set(_Scope(task, session, tracker, None, {}))
+        task.add_done_callback(functools.partial(self._task_done, session, tracker))
+        return session
+
+    def _create(self, task: asyncio.Task[Any], kwargs: Mapping[str, Any]) -> tuple[_AS, _Tracker]:
+        session = self.session_factory(**kwargs)
+        tracker = _Tracker(session, self._abandoned)
+        tracker.site = _creation_site()
+        tracker.task_name = task.get_name()
+        self._live.add(tracker)
+        return session, tracker
+
+    # -- scopes ---------------------------------------------------------------------------
+
+    def scope(self, **session_kwargs: Any) -> _ScopeContext[_AS]:
+        """Open a scope: the current task's unit of work, with its own session.
+
+        ``async with db.scope(**session_kwargs) as session:`` creates the session (with the
+        factory's arguments overridden by ``session_kwargs``; it takes no connection until
+        its first IO), makes it what ``db()`` returns in this task, and closes it on the way
+        out: uncommitted work is rolled back and the connection returned, also when the task
+        is cancelled. The scope does not commit; call ``await db.commit()``.
+
+        A scope nested in another scope of the same task has a new, independent session;
+        the outer session is ``db()`` again once the inner scope ends. A scope must be left
+        by the task that entered it, else :class:`ScopeError`.
+
+        Example::
+
+            async with db.scope() as session:
+                session.add(User(name="ann"))
+                await db.commit()               # db() is session here
+
+        .. versionadded:: 0.1
+        """
+        return _ScopeContext(self, session_kwargs)
+
+    def scoped(
+        self, fn: Callable[_P, Coroutine[Any, Any, _T]]
+    ) -> Callable[_P, Coroutine[Any, Any, _T]]:
+        """Decorate a coroutine function so that each call runs in its own scope.
+
+        The session is created on the first ``db()`` of the call (a call that never uses
+        the database creates none) and closed when the call returns, raises or is
+        cancelled. Signature, name and docstring are preserved.
+
+        Example::
+
+            @db.scoped
+            async def nightly_report(day: date) -> int:
+                return await db.query(Order).filter(Order.day == day).count()
+
+        .. versionadded:: 0.1
+        """
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"@db.scoped decorates coroutine functions (async def); {fn!r} is not one. "
+                f"For an async generator or a callable object, use `async with db.scope():` "
+                f"inside it."
+            )
+
+        @functools.wraps(fn)
+        async def scoped_call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            frame = _ScopeContext(self, {})
+            frame._open(eager=False)
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                await frame._shut()
+
+        return scoped_call
+
+    async def remove(self) -> None:
+        """Close the current task's session and forget it, as in SQLAlchemy.
+
+        Inside a scope the next ``db()`` creates a fresh session for the rest of the scope;
+        outside one, a fresh task-owned session. Does nothing when the current task has no
+        session (a child task never closes its parent's).
+
+        .. versionadded:: 0.1
+        """
+        scope = self._contextvar.get()
+        try:
+            task = _current_task()
+        except RuntimeError:
+            task = None
+        if task is None:
+            raise ScopeError(_no_task_message("db.remove()"))
+        if scope is None or scope.owner is not task:
+            return
+        if scope.session is None or scope.tracker is None:
+            return
+        if scope.frame is None:
+            self._contextvar.set(None)
+        else:
+            self._contextvar.set(_Scope(task, None, None, scope.frame, scope.kwargs))
+        await self._close(scope.session, scope.tracker)
+
+    def configure(self, **kwargs: Any) -> None:
+        """Reconfigure the session factory, e.g. ``db.configure(bind=engine)`` at startup.
+
+        Sessions already created keep their configuration; a warning says so when there
+        are any. The factory must be an ``async_sessionmaker``.
+        """
+        factory = self.session_factory
+        if not isinstance(factory, sa_async_sessionmaker):
+            raise TypeError(
+                f"configure() needs the registry's factory to be an async_sessionmaker; "
+                f"{factory!r} is not one. Configure the factory itself."
+            )
+        if self._live:
+            warnings.warn(
+                f"{len(self._live)} session(s) of {self!r} already exist; configure() affects "
+                f"only the sessions created after it.",
+                sa_exc.SAWarning,
+                stacklevel=2,
+            )
+        factory.configure(**kwargs)
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def live_sessions(self) -> int:
+        """How many sessions this registry created and has not closed yet (all tasks).
+
+        A session counts until its close has finished, including closes that run in the
+        background after a task ended or was cancelled; :meth:`wait_closed` waits for those.
+
+        .. versionadded:: 0.1
+        """
+        return len(self._live)
+
+    async def wait_closed(self) -> None:
+        """Wait until the sessions this registry is closing in the background are closed.
+
+        Sessions of tasks that ended (including one that ended just now), and of scopes left
+        by cancelled tasks, are closed in background tasks. Await this before disposing of
+        the engine at shutdown. Sessions of scopes and tasks still running are not waited for.
+
+        .. versionadded:: 0.1
+        """
+        loop = asyncio.get_running_loop()
+        # A task that just ended has its done callbacks queued but not run yet: yield once so
+        # that they start the closes this waits for.
+        await asyncio.sleep(0)
+        while pending := [t for t in self._closing if t.get_loop() is loop]:
+            await asyncio.wait(pending)
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def _close(self, session: _AS, tracker: _Tracker) -> None:
+        """Close a session of the current task; the close completes even if we are cancelled."""
+        if _is_pristine(session):
+            self._live.discard(tracker)
+            return
+        closer = asyncio.get_running_loop().create_task(self._close_now(session, tracker))
+        self._closing.add(closer)
+        closer.add_done_callback(self._closing.discard)
+        try:
+            await asyncio.shield(closer)
+        except asyncio.CancelledError:
+            closer.add_done_callback(self._report_failed_close)  # nobody else will see it
+            raise
+
+    async def _close_now(self, session: _AS, tracker: _Tracker) -> None:
+        try:
+            await session.close()
+        finally:
+            self._live.discard(tracker)
+
+    def _task_done(self, session: _AS, tracker: _Tracker, task: asyncio.Task[Any]) -> None:
+        """Done callback of a task that got a session outside any scope: close it."""
+        if tracker not in self._live:  # already closed by db.remove()
+            return
+        if _is_pristine(session):
+            self._live.discard(tracker)
+            return
+        loop = task.get_loop()
+        if loop.is_closed():  # nothing can close it now; the tracker will warn
+            return
+        closer = loop.create_task(
+            self._close_now(session, tracker),
+            name=f"asyncorm: close the session of task {task.get_name()!r}",
+        )
+        self._closing.add(closer)
+        closer.add_done_callback(self._closing.discard)
+        closer.add_done_callback(self._report_failed_close)
+
+    def _report_failed_close(self, closer: asyncio.Task[None]) -> None:
+        if closer.cancelled() or closer.exception() is None:
+            return
+        closer.get_loop().call_exception_handler(
+            {
+                "message": f"{self!r} failed to close a session in the background",
+                "exception": closer.exception(),
+                "task": closer,
+            }
+        )
+
+    def _abandoned(self, tracker: weakref.ref[Any]) -> None:
+        """Callback of a tracker whose session was garbage collected: warn if never closed."""
+        assert isinstance(tracker, _Tracker)
+        if tracker not in self._live:
+            return
+        self._live.discard(tracker)
+        file, line, function = tracker.site
+        warnings.warn(
+            f"A session created by {self!r} at {file}:{line} in {function}() for task "
+            f"{tracker.task_name!r} was never closed, so its transaction and connection were "
+            f"abandoned: its scope was never left, or the event loop stopped before the scope "
+            f"or the task ended. Leave every scope in the task that entered it and let tasks "
+            f"finish (or `await db.remove()`) before the loop closes.",
+            ResourceWarning,
+            stacklevel=2,
+        )
+
+    # -- what AsyncSession has but a registry cannot do -----------------------------------
+
+    async def __aenter__(self) -> NoReturn:
+        raise TypeError(_NOT_A_CONTEXT_MANAGER)
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        raise TypeError(_NOT_A_CONTEXT_MANAGER)
+
+
+_NOT_A_CONTEXT_MANAGER = (
+    "A session registry is not itself a context manager; open a scope with "
+    "`async with db.scope() as session:`."
+)
+
+
+class _ScopeContext(Generic[_AS]):
+    """What ``db.scope()`` returns: a single-use async context manager for one scope."""
+
+    __slots__ = ("_kwargs", "_owner", "_registry", "_state", "_token")
+
+    def __init__(self, registry: async_scoped_session[_AS], kwargs: Mapping[str, Any]) -> None:
+        self._registry = registry
+        self._kwargs = kwargs
+        self._state = _NEW
+        self._owner: asyncio.Task[Any] | None = None
+        self._token: Token[_Scope[_AS] | None] | None = None
+
+    def __repr__(self) -> str:
+        owner = f" in task {self._owner.get_name()!r}" if self._owner is not None else ""
+        return f"<scope {_STATE_NAMES[self._state]}{owner}>"
+
+    async def __aenter__(self) -> _AS:
+        session = self._open(eager=True)
+        assert session is not None
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shut()
+
+    def _open(self, *, eager: bool) -> _AS | None:
+        if self._state is not _NEW:
+            raise ScopeError(
+                f"{self!r} was already entered; a scope is single-use. Call db.scope() "
+                f"again for a new one."
+            )
+        try:
+            task = _current_task()
+        except RuntimeError:
+            task = None
+        if task is None:
+            raise ScopeError(_no_task_message("db.scope()"))
+        registry = self._registry
+        session = tracker = None
+        if eager:
+            session, tracker = registry._create(task, self._kwargs)
+        scope = _Scope(task, session, tracker, self, self._kwargs)
+        self._token = registry._contextvar.set(scope)
+        self._owner = task
+        self._state = _OPEN
+        return session
+
+    async def _shut(self) -> None:
+        if self._state is not _OPEN:
+            raise ScopeError(f"{self!r} cannot be exited: it is not open.")
+        try:
+            task = _current_task()
+        except RuntimeError:
+            task = None
+        assert self._owner is not None
+        assert self._token is not None
+        if task is not self._owner:
+            where = f"task {task.get_name()!r}" if task is not None else "no task"
+            raise ScopeError(
+                f"A scope entered in task {self._owner.get_name()!r} was exited in {where}. "
+                f"A scope must be left by the task that entered it: keep `async with "
+                f"db.scope():` inside one task (fixtures and dependencies that yield may run "
+                f"their setup and teardown in different tasks)."
+            )
+        registry = self._registry
+        scope = registry._contextvar.get()
+        if scope is None or scope.frame is not self:
+            raise ScopeError(
+                f"{self!r} was exited while a scope it encloses is still open; nested "
+                f"scopes must be left innermost first."
+            )
+        self._state = _DONE
+        try:
+            if scope.session is not None and scope.tracker is not None:
+                await registry._close(scope.session, scope.tracker)
+        finally:
+            registry._contextvar.reset(self._token)
+
+
+_NEW, _OPEN, _DONE = 0, 1, 2
+_STATE_NAMES = {_NEW: "not entered", _OPEN: "open", _DONE: "closed"}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+class _Tracker(weakref.ref[Any]):
+    """A weak reference to a registry session, with where and for whom it was created."""
+
+    __slots__ = ("site", "task_name")
+
+    site: _Site
+    task_name: str
+
+
+def _is_pristine(session: AsyncSession) -> bool:
+    """True when closing ``session`` would change nothing, so it needs no (async) close.
+
+    No transaction was begun (so no connection is held), no object is attached, and close
+    does not mark the session unusable (``close_resets_only=False``). Reads SQLAlchemy 2.1's
+    private Session state; asyncorm pins SQLAlchemy below 2.2.
+    """
+    sync = session.sync_session
+    return (
+        sync._transaction is None
+        and not sync.identity_map
+        and not sync._new
+        and not sync._deleted
+        and sync._close_state is not _SessionCloseState.ACTIVE
+    )
+
+
+def _creation_site() -> _Site:
+    """Where user code (the first frame outside asyncorm) asked for a session. ~0.5 us."""
+    frame = sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+
+
+def _no_task_message(what: str) -> str:
+    return (
+        f"{what} needs a running asyncio task, and was called outside one (in a thread, a "
+        f"callback or with no running event loop). A registry session belongs to the task "
+        f"that uses it: call it from a coroutine running in the event loop."
+    )
+
+
+def _strict_message(task: asyncio.Task[Any], scope: _Scope[Any] | None) -> str:
+    name = task.get_name()
+    if scope is None:
+        where = f"in task {name!r}, outside any scope"
+    else:
+        where = (
+            f"in task {name!r}, inside a scope of task {scope.owner.get_name()!r}; scopes "
+            f"are not shared with child tasks"
+        )
+    return (
+        f"db() was called {where}, and the registry is strict. Open a scope in this task: "
+        f"`async with db.scope():`, decorate the coroutine with `@db.scoped`, or install "
+        f"the framework middleware."
+    )
+
+
+# -- the proxies ----------------------------------------------------------------------------
+
+_PROTOCOL_DUNDERS = ("__contains__", "__iter__")
+"""AsyncSession's dunder methods that are part of its public API (``obj in s``, ``iter(s)``)."""
+
+
+def session_api(session_cls: type[Any] = AsyncSession) -> dict[str, Any]:
+    """The public members of ``session_cls``: name -> the attribute as defined on the class.
+
+    Public names of ``dir()``, the protocol dunders, and public annotated instance
+    attributes (``sync_session``), the latter mapped to ``None``.
+    """
+    members: dict[str, Any] = {}
+    for klass in reversed(session_cls.__mro__):
+        for name in vars(klass).get("__annotations__", {}):
+            if not name.startswith("_"):
+                members[name] = None
+    for name in dir(session_cls):
+        if not name.startswith("_") or name in _PROTOCOL_DUNDERS:
+            members[name] = inspect.getattr_static(session_cls, name)
+    return members
+
+
+def _proxy(name: str, attr: Any) -> Any:
+    """A class attribute of the registry acting on ``db()``'s member ``name``."""
+    if isinstance(attr, classmethod | staticmethod):
+        func = attr.__func__
+
+        def proxy_cls(self: async_scoped_session[Any], *args: Any, **kwargs: Any) -> Any:
+            return getattr(getattr(self.session_factory, "class_", AsyncSession), name)(
+                *args, **kwargs
+            )
+
+        return _named(proxy_cls, name, func, "the session class's")
+    if inspect.isfunction(attr):
+        # A plain function even for coroutine methods: the session is looked up where the
+        # call is written, so `asyncio.wait_for(db.execute(q), 5)` or
+        # `create_task(db.flush())` act on the caller's session, not on the session of the
+        # task that ends up running the coroutine.
+        def proxy(self: async_scoped_session[Any], *args: Any, **kwargs: Any) -> Any:
+            return getattr(self(), name)(*args, **kwargs)
+
+        if inspect.iscoroutinefunction(attr) and _markcoroutinefunction is not None:
+            _markcoroutinefunction(proxy)
+        return _named(proxy, name, attr)
+
+    def fget(self: async_scoped_session[Any]) -> Any:
+        return getattr(self(), name)
+
+    def fset(self: async_scoped_session[Any], value: Any) -> None:
+        setattr(self(), name, value)
+
+    if isinstance(attr, property):
+        doc = f"Proxy for the current session's ``{name}``.\n\n{attr.__doc__ or ''}"
+        return property(fget, fset if attr.fset is not None else None, doc=doc)
+    return property(fget, fset, doc=f"Proxy for the current session's ``{name}``.")
+
+
+def _named(proxy: Any, name: str, wrapped: Any, of: str = "the current session's") -> Any:
+    functools.update_wrapper(proxy, wrapped)
+    proxy.__qualname__ = f"async_scoped_session.{name}"
+    proxy.__module__ = __name__
+    proxy.__doc__ = f"Proxy for {of} ``{name}()``.\n\n{wrapped.__doc__ or ''}"
+    return proxy
+
+
+def _install_session_proxies(cls: type[Any]) -> None:
+    for name, attr in session_api().items():
+        if name in vars(cls):
+            raise TypeError(f"async_scoped_session.{name} would shadow AsyncSession.{name}")
+        setattr(cls, name, _proxy(name, attr))
+
+
+_install_session_proxies(async_scoped_session)
