@@ -7,7 +7,7 @@ import logging
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import func, insert, select, text
@@ -463,11 +463,12 @@ async def test_sqlite_connection_returned_inside_a_transaction_is_rolled_back(
         await reset_schema(engine)
         async with engine.connect() as conn:
             raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
+            driver = cast(Any, raw.driver_connection)
             await conn.commit()
         # bypass SQLAlchemy's Connection: the pool is the only one left to roll back
         raw = await greenlet_spawn(engine.sync_engine.raw_connection)
-        assert raw.driver_connection is driver  # pool_size=1: the same connection
+        same_connection = raw.driver_connection is driver
+        assert same_connection  # pool_size=1
         await driver.execute("BEGIN")
         await driver.execute("INSERT INTO users (id, name) VALUES (1, 'pending')")
         await greenlet_spawn(raw.close)
