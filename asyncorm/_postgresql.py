@@ -102,7 +102,8 @@ class _PrePing:
         if time.monotonic() - returned_at < self.ping_after:
             return
         try:
-            await_(driver.execute(";"))
+            # no arguments: the simple query protocol, one round trip, no prepared statement
+            await_(driver.execute("SELECT 1"))
         except Exception as exc:  # a ping can only fail on an unusable connection
             raise DisconnectionError(f"pre-ping failed: {exc!r}") from exc
 
@@ -151,17 +152,21 @@ class _DeferredBegin:
         sync_engine = engine.sync_engine
         event.listen(sync_engine, "begin", self._on_begin)
         event.listen(sync_engine, "before_cursor_execute", self._before_execute)
-        event.listen(sync_engine, "commit", self._on_end)
-        event.listen(sync_engine, "rollback", self._on_end)
+        # no commit/rollback listeners (every connection-level event type costs each new
+        # Connection): the next begin, or the return to the pool, restores the connection
         event.listen(sync_engine, "checkin", self._on_checkin)
 
     @staticmethod
     def _on_begin(conn: Connection) -> None:
+        adapter = conn.connection.dbapi_connection
+        if adapter is None:
+            return
+        if conn.info.pop(_DEFERRED, False):  # a previous transaction that only read
+            adapter.autocommit = False
         level = conn.get_execution_options().get("isolation_level")
         if not (_read_committed(level) and _read_committed(conn.default_isolation_level)):
             return
-        adapter = conn.connection.dbapi_connection
-        if adapter is None or adapter.readonly or adapter.deferrable or adapter.autocommit:
+        if adapter.readonly or adapter.deferrable or adapter.autocommit:
             return
         adapter.autocommit = True  # no BEGIN is sent while the statements are plain reads
         conn.info[_DEFERRED] = True
@@ -181,12 +186,6 @@ class _DeferredBegin:
         if executemany or streamed or not _is_plain_read(statement):
             # from here on the transaction is real: the driver sends BEGIN first
             conn.info[_DEFERRED] = False
-            conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
-
-    @staticmethod
-    def _on_end(conn: Connection) -> None:
-        # an invalidated connection is discarded with its info: nothing to restore
-        if not conn.invalidated and conn.info.pop(_DEFERRED, False):
             conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
 
     @staticmethod

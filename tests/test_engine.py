@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
@@ -447,6 +447,21 @@ async def test_postgresql_pre_ping_replaces_a_dead_connection(options: dict[str,
     finally:
         await engine.dispose()
         await admin.dispose()
+
+
+async def test_postgresql_pre_ping_keeps_a_healthy_connection() -> None:
+    engine = asyncorm.create_engine(postgres_url(), pool_pre_ping_after=0)
+    connects: list[object] = []
+    event.listen(engine.sync_engine, "connect", lambda *args: connects.append(args))
+    try:
+        pids = set()
+        for _ in range(3):  # pinged on the second and third checkout
+            async with engine.connect() as conn:
+                pids.add(await conn.scalar(text("select pg_backend_pid()")))
+        assert len(connects) == 1
+        assert len(pids) == 1
+    finally:
+        await engine.dispose()
 
 
 async def test_postgresql_pre_ping_after_must_be_a_duration() -> None:
