@@ -1,0 +1,329 @@
+"""The results table, RESULTS.md, the chart and the machine description."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import os
+import platform
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._core import (
+    ASYNCORM,
+    LABELS,
+    POSTGRESQL,
+    SQLALCHEMY,
+    SQLITE,
+    SYNC,
+    Case,
+    Result,
+    Sizes,
+    geomean,
+)
+
+__all__ = [
+    "command_line",
+    "machine_info",
+    "ratios",
+    "render_backend",
+    "render_spread",
+    "write_chart",
+    "write_results_md",
+]
+
+BACKEND_TITLES = {SQLITE: "SQLite", POSTGRESQL: "PostgreSQL"}
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(postgres_version: str | None, command: str) -> list[tuple[str, str]]:
+    """What the figures were measured on, as (label, value) pairs."""
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    return [
+        ("date", now.isoformat().replace("+00:00", " UTC")),
+        ("command", f"`{command}`"),
+        ("CPU", _cpu_model()),
+        ("cores", str(os.cpu_count())),
+        ("load average at start (1, 5, 15 min)", load),
+        ("OS", platform.platform()),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("asyncorm", _version("asyncorm")),
+        ("SQLAlchemy", _version("sqlalchemy")),
+        ("greenlet", _version("greenlet")),
+        ("asyncpg", _version("asyncpg")),
+        ("aiosqlite", _version("aiosqlite")),
+        ("SQLite library", sqlite3.sqlite_version),
+        ("PostgreSQL server", postgres_version or "not measured"),
+    ]
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def _fmt_rate(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:,.1f}"
+
+
+def _contenders(results: Sequence[Result]) -> list[str]:
+    seen: list[str] = []
+    for result in results:
+        for contender in result.case.contenders:
+            if contender not in seen:
+                seen.append(contender)
+    return seen
+
+
+def _cases(results: Sequence[Result]) -> list[Case]:
+    seen: list[Case] = []
+    for result in results:
+        if result.case not in seen:
+            seen.append(result.case)
+    return seen
+
+
+def ratios(results: Sequence[Result]) -> dict[tuple[str, str], float]:
+    """(case name, contender) -> median ops/s as a ratio to the case's baseline."""
+    by_key = {(r.case.name, r.contender): r for r in results}
+    out: dict[tuple[str, str], float] = {}
+    for r in results:
+        base = by_key.get((r.case.name, r.case.baseline))
+        if r.median is not None and base is not None and base.median:
+            out[(r.case.name, r.contender)] = r.median / base.median
+    return out
+
+
+def _vs_sqlalchemy(results: Sequence[Result]) -> dict[str, float]:
+    """case name -> asyncorm's median ops/s divided by plain SQLAlchemy's."""
+    by_key = {(r.case.name, r.contender): r for r in results}
+    out: dict[str, float] = {}
+    for case in _cases(results):
+        ours, theirs = by_key.get((case.name, ASYNCORM)), by_key.get((case.name, SQLALCHEMY))
+        if ours and theirs and ours.median and theirs.median:
+            out[case.name] = ours.median / theirs.median
+    return out
+
+
+def _counter_note(result: Result) -> str | None:
+    """A short description of what a result's checks counted, when it is worth showing."""
+    if not result.counters:
+        return None
+    keys = [k for k in result.counters[0] if k != "expected"]
+    interesting = any(k != "errors" for k in keys) or any(c.get("errors") for c in result.counters)
+    if not interesting:
+        return None
+    parts = []
+    for key in keys:
+        values = [c[key] for c in result.counters if key in c]
+        low, high = min(values), max(values)
+        text = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+        if key == "sum" and "expected" in result.counters[0]:
+            text += f" (expected {result.counters[0]['expected']:,})"
+        parts.append(f"{key} {text}")
+    runs = len(result.counters)
+    return ", ".join(parts) + f" over {runs} run{'s' if runs > 1 else ''}"
+
+
+def render_backend(backend: str, results: Sequence[Result]) -> str:
+    """The markdown table (and its notes) of one backend's results."""
+    contenders = _contenders(results)
+    by_key = {(r.case.name, r.contender): r for r in results}
+    rel = ratios(results)
+    vs_sa = _vs_sqlalchemy(results)
+    header = ["workload", "unit/s", *(LABELS.get(c, c) for c in contenders)]
+    header += ["asyncorm / SQLAlchemy", "target for asyncorm"]
+    align = ["---", "---", *("---:" for _ in contenders), "---:", "---"]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    notes: list[str] = []
+    for case in _cases(results):
+        row = [case.name, case.unit]
+        for contender in contenders:
+            result = by_key.get((case.name, contender))
+            if result is None:
+                row.append("-")
+            elif result.error is not None:
+                row.append("failed")
+                notes.append(f"{case.name}, {LABELS.get(contender, contender)}: {result.error}")
+            elif result.median is None:
+                row.append("-")
+            else:
+                ratio = rel.get((case.name, contender))
+                shown = f" ({ratio:.2f}x)" if ratio is not None else ""
+                row.append(_fmt_rate(result.median) + shown)
+            note = _counter_note(result) if result is not None else None
+            if note:
+                notes.append(f"{case.name}, {LABELS.get(contender, contender)}: {note}")
+        row.append(f"{vs_sa[case.name]:.2f}x" if case.name in vs_sa else "-")
+        ours = rel.get((case.name, ASYNCORM))
+        if case.target is None or ours is None:
+            row.append("-")
+        else:
+            verdict = "met" if ours >= case.target else "not met"
+            row.append(f">= {case.target:.2f}x: {verdict}")
+        lines.append("| " + " | ".join(row) + " |")
+    geo = ["**geomean of ratios**", ""]
+    for contender in contenders:
+        values = [v for (_, c), v in rel.items() if c == contender]
+        g = geomean(values)
+        geo.append(f"**{g:.2f}x** ({len(values)})" if g is not None else "-")
+    g_sa = geomean(list(vs_sa.values()))
+    geo += [f"**{g_sa:.2f}x**" if g_sa is not None else "-", ""]
+    lines.append("| " + " | ".join(geo) + " |")
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines)
+
+
+# -- RESULTS.md ---------------------------------------------------------------------------------
+
+
+def render_spread(results: Sequence[Result]) -> str:
+    """Every result's median, fastest and slowest repeat: how noisy the run was."""
+    lines = [
+        "| backend | workload | contender | median | min | max | repeats |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.median is None:
+            continue
+        label = LABELS.get(r.contender, r.contender)
+        lines.append(
+            f"| {BACKEND_TITLES[r.backend]} | {r.case.name} | {label} "
+            f"| {_fmt_rate(r.median)} | {_fmt_rate(min(r.samples))} "
+            f"| {_fmt_rate(max(r.samples))} | {len(r.samples)} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results_md(
+    path: Path,
+    results: Sequence[Result],
+    machine: Sequence[tuple[str, str]],
+    *,
+    sizes: Sizes,
+    skipped: Sequence[str],
+    chart: str | None,
+) -> None:
+    """Write RESULTS.md: the machine, one table per backend, the chart, the spread."""
+    short = sorted({r.case.key for r in results if r.case.short})
+    repeats = f"{sizes.repeats} timed repeat{'s' if sizes.repeats > 1 else ''}"
+    if short and sizes.short_repeats != sizes.repeats:
+        repeats += f" ({sizes.short_repeats} for the short runs of {', '.join(short)})"
+    out = [
+        "# Benchmark results",
+        "",
+        "Produced by the benchmark harness (`python -m benchmarks`); docs/performance.md",
+        "explains the workloads and the figures. Each cell is the median ops/s of",
+        f"{repeats} and, in brackets, its ratio to the baseline: the raw",
+        "driver (asyncpg / aiosqlite), or for W5 the sync Session. Higher is better.",
+        '"asyncorm / SQLAlchemy" above 1.00x means asyncorm is faster than plain SQLAlchemy.',
+        "The geomean row is the geometric mean of the ratios (number of cases in brackets).",
+        "The sync Session column of W1/W2 (SQLite) is SQLAlchemy's ORM without asyncio on the",
+        "same rows: a reference for what any async layer over it can reach. Targets are issue",
+        "5's, never asserted.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {label} | {value} |" for label, value in machine),
+    ]
+    for backend in (SQLITE, POSTGRESQL):
+        mine = [r for r in results if r.backend == backend]
+        if mine:
+            out += ["", f"## {BACKEND_TITLES[backend]}", "", render_backend(backend, mine)]
+    for reason in skipped:
+        out += ["", f"Skipped: {reason}"]
+    if chart:
+        out += ["", "## Chart", "", f"![ratios to the baseline]({chart})"]
+    if results:
+        out += ["", "## Spread", "", "ops/s of every contender's repeats.", ""]
+        out += [render_spread(results)]
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+# -- the chart ----------------------------------------------------------------------------------
+
+
+def write_chart(path: Path, results: Sequence[Result]) -> str | None:
+    """Save a bar chart of the ratios to ``path``; return why not if matplotlib is missing."""
+    try:
+        matplotlib: Any = importlib.import_module("matplotlib")
+    except ImportError:
+        return "matplotlib is not installed (pip install 'asyncorm[bench]'): no chart"
+    matplotlib.use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+    backends = [b for b in (SQLITE, POSTGRESQL) if any(r.backend == b for r in results)]
+    rel_all = {b: ratios([r for r in results if r.backend == b]) for b in backends}
+    colours = {SQLALCHEMY: "#8c8c8c", ASYNCORM: "#1f77b4", SYNC: "#ff7f0e"}
+    fig, axes = plt.subplots(
+        1, len(backends), figsize=(7 * len(backends), 6.5), squeeze=False, sharex=True
+    )
+    for ax, backend in zip(axes[0], backends, strict=True):
+        mine = [r for r in results if r.backend == backend]
+        cases = _cases(mine)
+        shown = [
+            c
+            for c in _contenders(mine)
+            if any(c != case.baseline and (case.name, c) in rel_all[backend] for case in cases)
+        ]
+        height = 0.8 / max(len(shown), 1)
+        for k, contender in enumerate(shown):
+            ys, xs = [], []
+            for i, case in enumerate(cases):
+                value = rel_all[backend].get((case.name, contender))
+                if value is not None and contender != case.baseline:
+                    ys.append(i + (k - (len(shown) - 1) / 2) * height)
+                    xs.append(value)
+            ax.barh(
+                ys,
+                xs,
+                height=height,
+                label=LABELS.get(contender, contender),
+                color=colours.get(contender),
+            )
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.axvline(0.5, color="#d62728", linewidth=1, linestyle="--")
+        ax.set_yticks(range(len(cases)))
+        ax.set_yticklabels([case.name for case in cases])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("ops/s as a ratio to the raw driver (W5: to the sync Session)")
+        ax.set_title(BACKEND_TITLES[backend])
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize="small")
+        ax.grid(axis="x", which="both", alpha=0.3)
+    fig.suptitle("asyncorm benchmarks: higher is better; dashed line is the 0.5x target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """How this run was started, for RESULTS.md."""
+    return " ".join(["python -m benchmarks", *argv]) if argv else "python -m benchmarks"

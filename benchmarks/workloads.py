@@ -1,0 +1,438 @@
+"""The workloads: W1-W6, each a list of :class:`~benchmarks._core.Case`.
+
+A case's ``build(bench, contender)`` returns the contender's :class:`~benchmarks._core.Trial`.
+Everything a trial needs that is not the work being measured (picking ids, resetting tables,
+opening the session W5 reuses) happens in ``build``, ``setup`` or ``teardown``, untimed.
+The raw contender's SQL is written once with ``?`` placeholders (``bench.raw.sql``).
+
+Each workload's docstring says what one operation is; docs/performance.md says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, sessionmaker
+
+from benchmarks._bench import Bench
+from benchmarks._core import (
+    ASYNCORM,
+    ORM_CONTENDERS,
+    RAW,
+    SQLITE,
+    STANDARD,
+    SYNC,
+    Case,
+    Counters,
+    OpErrors,
+    Trial,
+    spread,
+)
+from benchmarks._schema import ITEM_COLUMNS, Account, BulkItem, Item
+
+__all__ = ["all_cases", "select_cases"]
+
+Op = Callable[[int], Awaitable[None]]
+
+_WITH_SYNC = (*STANDARD, SYNC)
+"""W1/W2 with one task also measure the sync Session on SQLite (pysqlite, same rows): the
+speed of SQLAlchemy's ORM without asyncio, a reference for what any async layer can reach."""
+
+
+def _errors_check(errors: OpErrors) -> Callable[[], Awaitable[Counters]]:
+    async def check() -> Counters:
+        counted = {"errors": errors.count}
+        errors.count = 0
+        return counted
+
+    return check
+
+
+# -- W1: request-scoped read ------------------------------------------------------------------
+
+
+def _w1(concurrency: int) -> Case:
+    """One operation: a new session, ``get()`` of one item by primary key, close.
+
+    Raw: check a connection out of the pool, SELECT the row, check it back in. With one
+    task, SQLite also measures the sync Session (see ``_WITH_SYNC``).
+    """
+
+    def build(bench: Bench, contender: str) -> Trial | None:
+        pks = bench.sample(bench.sizes.requests, seed=1)
+        errors = OpErrors()
+        op: Op
+        if contender == SYNC:
+            if bench.sync_file_engine is None:
+                return None
+            make_sync = sessionmaker(bench.sync_file_engine)
+
+            async def op(i: int) -> None:
+                with make_sync() as session:
+                    session.get(Item, pks[i])
+
+        elif contender == RAW:
+            raw = bench.raw
+            sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
+
+            async def op(i: int) -> None:
+                async with raw.connection() as conn:
+                    await conn.fetch(sql, pks[i])
+
+        else:
+            make = bench.factory(contender)
+
+            async def op(i: int) -> None:
+                async with make() as session:
+                    await session.get(Item, pks[i])
+
+        async def run() -> int:
+            return await spread(len(pks), concurrency, op, errors)
+
+        return Trial(run=run, check=_errors_check(errors))
+
+    if concurrency == 1:
+        return Case("W1", "request read, 1 task", "sessions", build, _WITH_SYNC, target=0.5)
+    return Case("W1", f"request read, {concurrency} tasks", "sessions", build, target=0.5)
+
+
+# -- W2: read-modify-write ----------------------------------------------------------------------
+
+
+def _w2(concurrency: int) -> Case:
+    """One operation: a new session, ``get()`` an item, increment a column, commit.
+
+    Raw: a transaction (on SQLite ``BEGIN IMMEDIATE`` behind an asyncio lock) with the
+    SELECT and the UPDATE.
+    """
+
+    def build(bench: Bench, contender: str) -> Trial | None:
+        pks = bench.sample(bench.sizes.writes, seed=2)
+        errors = OpErrors()
+        op: Op
+        if contender == SYNC:
+            if bench.sync_file_engine is None:
+                return None
+            make_sync = sessionmaker(bench.sync_file_engine)
+
+            async def op(i: int) -> None:
+                with make_sync() as session:
+                    item = session.get(Item, pks[i])
+                    assert item is not None
+                    item.counter += 1
+                    session.commit()
+
+        elif contender == RAW:
+            raw = bench.raw
+            select_sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
+            update_sql = raw.sql("UPDATE bench_items SET counter = ? WHERE id = ?")
+
+            async def op(i: int) -> None:
+                async with raw.transaction() as conn:
+                    row = (await conn.fetch(select_sql, pks[i]))[0]
+                    await conn.execute(update_sql, row[4] + 1, pks[i])
+
+        else:
+            make = bench.factory(contender)
+
+            async def op(i: int) -> None:
+                async with make() as session:
+                    item = await session.get(Item, pks[i])
+                    assert item is not None
+                    item.counter += 1
+                    await session.commit()
+
+        async def run() -> int:
+            return await spread(len(pks), concurrency, op, errors)
+
+        return Trial(run=run, check=_errors_check(errors))
+
+    if concurrency == 1:
+        return Case("W2", "read-modify-write, 1 task", "txns", build, _WITH_SYNC, target=0.5)
+    return Case("W2", f"read-modify-write, {concurrency} tasks", "txns", build, target=0.5)
+
+
+# -- W3: bulk insert -------------------------------------------------------------------------
+
+
+def _w3(*, fastest: bool) -> Case:
+    """One operation: one inserted row; a repeat inserts ``sizes.bulk`` rows and commits.
+
+    Building the objects, dicts or tuples is timed too. With ``fastest`` each contender
+    uses its fastest documented path: raw ``executemany``; SQLAlchemy ``add_all`` +
+    ``commit`` (the issue's baseline); asyncorm ``session.execute(insert(Model), dicts)``,
+    SQLAlchemy's ORM bulk INSERT. Without it both ORM contenders use ``add_all``.
+    """
+
+    def build(bench: Bench, contender: str) -> Trial:
+        n = bench.sizes.bulk
+        clear = bench.clear_sql("bench_bulk")
+
+        async def setup() -> None:
+            await bench.execute(contender, clear)
+
+        run: Callable[[], Awaitable[int]]
+        if contender == RAW:
+            raw = bench.raw
+            sql = raw.sql("INSERT INTO bench_bulk (name, value, note) VALUES (?, ?, ?)")
+
+            async def run() -> int:
+                async with raw.transaction() as conn:
+                    await conn.executemany(sql, [(f"bulk {i}", i, "note") for i in range(n)])
+                return n
+
+        elif fastest and contender == ASYNCORM:
+            make = bench.factory(contender)
+
+            async def run() -> int:
+                async with make() as session:
+                    await session.execute(
+                        insert(BulkItem),
+                        [{"name": f"bulk {i}", "value": i, "note": "note"} for i in range(n)],
+                    )
+                    await session.commit()
+                return n
+
+        else:
+            make = bench.factory(contender)
+
+            async def run() -> int:
+                async with make() as session:
+                    session.add_all(
+                        [BulkItem(name=f"bulk {i}", value=i, note="note") for i in range(n)]
+                    )
+                    await session.commit()
+                return n
+
+        return Trial(run=run, setup=setup)
+
+    if fastest:
+        return Case("W3", "bulk insert, fastest path", "rows", build, target=0.5)
+    return Case("W3", "bulk insert, add_all both", "rows", build)
+
+
+# -- W4: load many rows -----------------------------------------------------------------------
+
+
+def _w4(*, objects: bool) -> Case:
+    """One operation: one loaded row; a repeat loads all ``sizes.items`` rows in a new session.
+
+    ORM objects: ``(await session.scalars(select(Item))).all()``; rows:
+    ``(await session.execute(select(<the five columns>))).all()``; raw: ``fetch``.
+    """
+
+    def build(bench: Bench, contender: str) -> Trial:
+        run: Callable[[], Awaitable[int]]
+        if contender == RAW:
+            raw = bench.raw
+            sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items")
+
+            async def run() -> int:
+                async with raw.connection() as conn:
+                    return len(await conn.fetch(sql))
+
+        else:
+            make = bench.factory(contender)
+            statement = (
+                select(Item)
+                if objects
+                else select(Item.id, Item.name, Item.email, Item.value, Item.counter)
+            )
+
+            async def run() -> int:
+                async with make() as session:
+                    if objects:
+                        return len((await session.scalars(statement)).all())
+                    return len((await session.execute(statement)).all())
+
+        return Trial(run=run)
+
+    if objects:
+        # target: no slower than plain SQLAlchemy (see the "asyncorm/SQLAlchemy" column)
+        return Case("W4", "load as ORM objects", "rows", build, short=True)
+    return Case("W4", "load as rows", "rows", build, target=0.5, short=True)
+
+
+# -- W5: identity-map hit -----------------------------------------------------------------------
+
+
+def _w5() -> Case:
+    """One operation: ``session.get(Item, pk)`` of an object already in the identity map.
+
+    The object stays referenced (the identity map is weak). No SQL is emitted, so the
+    backend only matters for opening the session. The baseline is SQLAlchemy's sync
+    ``Session.get()`` on a sync SQLite engine (the target: asyncorm within 1.5x of it,
+    i.e. a ratio of at least 0.67).
+    """
+
+    def build(bench: Bench, contender: str) -> Trial:
+        n = bench.sizes.hits
+        pk = 1
+        if contender == SYNC:
+            # the session and the loaded object: the identity map holds objects weakly
+            sync_holder: list[tuple[Session, Item]] = []
+
+            async def sync_setup() -> None:
+                session = bench.sync_session()
+                item = session.get(Item, pk)
+                assert item is not None
+                sync_holder.append((session, item))
+
+            async def sync_run() -> int:
+                get = sync_holder[0][0].get
+                for _ in range(n):
+                    get(Item, pk)
+                return n
+
+            async def sync_teardown() -> None:
+                sync_holder.pop()[0].close()
+
+            return Trial(run=sync_run, setup=sync_setup, teardown=sync_teardown)
+
+        make = bench.factory(contender)
+        holder: list[tuple[AsyncSession, Item]] = []
+
+        async def setup() -> None:
+            session = make()
+            item = await session.get(Item, pk)
+            assert item is not None
+            holder.append((session, item))
+
+        async def run() -> int:
+            get = holder[0][0].get
+            for _ in range(n):
+                await get(Item, pk)
+            return n
+
+        async def teardown() -> None:
+            await holder.pop()[0].close()
+
+        return Trial(run=run, setup=setup, teardown=teardown)
+
+    return Case(
+        "W5",
+        "identity-map get()",
+        "gets",
+        build,
+        contenders=(SYNC, *ORM_CONTENDERS),
+        baseline=SYNC,
+        target=1 / 1.5,
+        short=True,
+    )
+
+
+# -- W6: SQLite concurrent transfers -------------------------------------------------------------
+
+
+def _w6() -> Case:
+    """One operation: a transfer transaction between two of ``sizes.accounts`` accounts.
+
+    All ``sizes.transfers`` transfers start at once (each in its own task, each with its
+    own session): get both accounts, move an amount, commit. Every account starts at 100,
+    so the final sum must be ``100 * accounts``; the check reports the sum and the errors
+    (plain SQLAlchemy on SQLite reads outside its transaction and may lose updates).
+    """
+
+    def build(bench: Bench, contender: str) -> Trial:
+        sizes = bench.sizes
+        rng = random.Random(6)
+        plan = [
+            (*rng.sample(range(1, sizes.accounts + 1), 2), rng.randint(1, 10))
+            for _ in range(sizes.transfers)
+        ]
+        errors = OpErrors()
+        transfer: Callable[[int, int, int], Awaitable[None]]
+        if contender == RAW:
+            raw = bench.raw
+            select_sql = raw.sql("SELECT balance FROM bench_accounts WHERE id = ?")
+            update_sql = raw.sql("UPDATE bench_accounts SET balance = ? WHERE id = ?")
+
+            async def transfer(src: int, dst: int, amount: int) -> None:
+                async with raw.transaction() as conn:
+                    src_balance = (await conn.fetch(select_sql, src))[0][0]
+                    dst_balance = (await conn.fetch(select_sql, dst))[0][0]
+                    await conn.execute(update_sql, src_balance - amount, src)
+                    await conn.execute(update_sql, dst_balance + amount, dst)
+
+        else:
+            make = bench.factory(contender)
+
+            async def transfer(src: int, dst: int, amount: int) -> None:
+                async with make() as session:
+                    a = await session.get(Account, src)
+                    b = await session.get(Account, dst)
+                    assert a is not None
+                    assert b is not None
+                    a.balance -= amount
+                    b.balance += amount
+                    await session.commit()
+
+        async def setup() -> None:
+            await bench.execute(contender, "UPDATE bench_accounts SET balance = 100")
+
+        async def run() -> int:
+            outcomes = await asyncio.gather(
+                *(transfer(*step) for step in plan), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, Exception):
+                        raise outcome
+                    errors.add(outcome)
+            done = len(plan) - errors.count
+            if done == 0 and errors.first is not None:
+                raise errors.first
+            return done
+
+        async def check() -> Counters:
+            total = await bench.scalar(contender, "SELECT sum(balance) FROM bench_accounts")
+            counted = {"sum": int(total), "expected": 100 * sizes.accounts, "errors": errors.count}
+            errors.count = 0
+            return counted
+
+        return Trial(run=run, setup=setup, check=check)
+
+    return Case("W6", "concurrent transfers", "txns", build, backends=(SQLITE,))
+
+
+# -- W7: registry and middleware overhead (extension point) -------------------------------------
+
+
+def _w7() -> list[Case]:
+    """EXTENSION POINT for W7, registry and middleware overhead (issue 5, item 2).
+
+    Not implemented yet. To add it, return its cases from here, built like the ones above:
+    ``Case("W7", "<variant>", "<unit>", build, contenders=..., baseline=...)`` where
+    ``build(bench, contender)`` returns a :class:`Trial`. A case may name contenders of its
+    own (say ``"asyncorm+registry"``; give them a label in ``_core.LABELS``) and pick
+    which one is the baseline; ``bench.factory(ASYNCORM)`` is asyncorm's warm session
+    factory, and ``bench.engines[ASYNCORM]`` its engine. The table, RESULTS.md and the chart
+    pick new cases and contenders up by themselves.
+    """
+    return []
+
+
+def all_cases() -> list[Case]:
+    """Every case, in table order."""
+    return [
+        _w1(1),
+        _w1(20),
+        _w2(1),
+        _w2(20),
+        _w3(fastest=True),
+        _w3(fastest=False),
+        _w4(objects=True),
+        _w4(objects=False),
+        _w5(),
+        _w6(),
+        *_w7(),
+    ]
+
+
+def select_cases(only: set[str] | None) -> list[Case]:
+    """The cases whose key (``W1`` ...) is in ``only`` (all when None)."""
+    return [case for case in all_cases() if only is None or case.key in only]

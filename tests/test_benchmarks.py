@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark harness (benchmarks/): it runs, and writes its table.
+
+``--quick`` sizes on each backend; no timing is asserted anywhere, only that every case
+was measured for every contender and that the output files exist.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+import benchmarks.run
+from benchmarks.run import main
+from tests.conftest import postgres_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_quick_run_writes_the_table(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--quick", "--backend", backend, "--out", str(tmp_path)]
+    if backend == "postgresql":
+        args += ["--postgres-url", postgres_url()]
+
+    assert main(args) == 0
+
+    out = capsys.readouterr().out
+    assert "| workload | unit/s | raw driver | SQLAlchemy | asyncorm |" in out
+    results = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
+    for case in (
+        "W1 request read, 1 task",
+        "W1 request read, 20 tasks",
+        "W2 read-modify-write, 20 tasks",
+        "W3 bulk insert, fastest path",
+        "W4 load as ORM objects",
+        "W4 load as rows",
+        "W5 identity-map get()",
+    ):
+        assert f"| {case} |" in results
+    assert "failed" not in results
+    assert "| SQLAlchemy |" in results  # the machine section names the versions
+    if backend == "sqlite":
+        # W6 is SQLite only; asyncorm's transfers keep the money (a correctness check)
+        assert "W6 concurrent transfers, asyncorm: sum 1,000 (expected 1,000), errors 0" in (
+            results
+        )
+    else:
+        assert "W6" not in results
+
+
+def test_a_backend_that_cannot_open_is_skipped_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def cannot_open(*args: object, **kwargs: object) -> NoReturn:
+        raise RuntimeError("sorry, too many clients already")
+
+    monkeypatch.setattr(benchmarks.run, "open_bench", cannot_open)
+
+    assert main(["--quick", "--backend", "sqlite", "--out", str(tmp_path)]) == 0
+
+    assert "Skipping SQLite: could not load the data or open the pools" in capsys.readouterr().err
+    results = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
+    assert "Skipped: SQLite: could not load the data or open the pools (RuntimeError: sorry" in (
+        results
+    )
+
+
+def test_only_rejects_an_unknown_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quick", "--only", "W1,W99"]) == 2
+    assert "unknown workload(s) W99" in capsys.readouterr().err
+
+
+def test_python_dash_m_benchmarks_is_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout
+    assert "--backend {sqlite,postgresql}" in done.stdout
