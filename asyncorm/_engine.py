@@ -10,7 +10,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import _postgresql, _sqlite
+from . import _cancellation, _loops, _postgresql, _sqlite
 from ._errors import ConfigurationError
 
 __all__ = ["create_engine", "redact_url"]
@@ -128,8 +128,13 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     parsed = parsed.set(drivername=f"{backend}+{driver}")
     profile = _sqlite if backend == "sqlite" else _postgresql
     parsed, engine_kwargs, install = profile.prepare(parsed, dict(kwargs))
+    # reset-on-return is done by asyncorm's listener, which survives a cancellation
+    # without discarding the connection (see _cancellation)
+    hooks = _cancellation.EngineHooks(engine_kwargs)
     engine = _create_async_engine(parsed, engine_kwargs)
+    _loops.install(engine)  # first: no other checkout listener may touch a foreign loop
     install(engine)
+    hooks.install(engine)
     return engine
 
 

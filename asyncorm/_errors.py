@@ -60,17 +60,37 @@ class ConfigurationError(AsyncORMError, sa_exc.ArgumentError):
 class ConcurrentSessionUseError(AsyncORMError, RuntimeError, sa_exc.InvalidRequestError):
     """Two tasks tried to run IO on one session at the same time.
 
-    A session runs one operation at a time. Give each concurrent task its own session
-    (``async with db.scope():`` inside the task) or await the operations in turn.
+    Raised in the second task, before anything reaches the database; the first task's
+    operation is not affected. A session runs one operation at a time. Give each concurrent
+    task its own session (``async with db.scope():`` inside the task) or await the
+    operations in turn.
+
+    Example::
+
+        >>> await asyncio.gather(session.get(User, 1), session.get(User, 2))
+        Traceback (most recent call last):
+        asyncorm.ConcurrentSessionUseError: Session <AsyncSession 0x7f...> is in use by ...
     """
 
 
 class LazyLoadError(AsyncORMError, sa_exc.MissingGreenlet):
     """An attribute access needed IO, which cannot happen implicitly under asyncio.
 
-    The message names the attribute and the fixes: eager loading (``selectinload``),
-    ``await session.refresh(obj, [name])`` or ``await obj.awaitable_attrs.name``.
+    Raised by :class:`asyncorm.AsyncSession` when reading a lazy relationship, an expired
+    attribute or a deferred column would have to query the database outside an awaited call,
+    instead of SQLAlchemy's ``StatementError``/``MissingGreenlet`` from deep in the driver.
+    Nothing has been sent to the database. The message names the attribute and the fixes:
+    eager loading (``selectinload()``, ``undefer()``), ``await session.refresh(obj, [name])``
+    or ``await obj.awaitable_attrs.name`` (with :class:`asyncorm.AsyncAttrs`).
+
+    Example::
+
+        >>> user.addresses
+        Traceback (most recent call last):
+        asyncorm.LazyLoadError: User.addresses is not loaded on <User id=1>, and loading it ...
     """
+
+    code = None  # type: ignore[assignment]  # a complete message: no link to MissingGreenlet
 
 
 class NoSessionScopeError(AsyncORMError, RuntimeError):
@@ -86,10 +106,11 @@ class ScopeError(AsyncORMError, RuntimeError):
 
 
 class EventLoopMismatchError(AsyncORMError, RuntimeError):
-    """An engine's pool was used from a different event loop than the one it was created on.
+    """An engine's pooled connection was checked out in another event loop than its own.
 
-    Call ``await engine.dispose()`` inside the new loop before using the engine there, or
-    create the engine with ``poolclass=NullPool``.
+    A driver connection only works in the event loop that opened it. Call
+    ``await engine.dispose()`` inside the new loop before using the engine there (or dispose
+    of it before the first loop ends), or create the engine with ``poolclass=NullPool``.
     """
 
 

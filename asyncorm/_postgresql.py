@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_
 
+from ._cancellation import wait_to_completion
 from ._errors import ConfigurationError
 
 __all__ = ["prepare"]
@@ -102,10 +103,15 @@ class _PrePing:
         if time.monotonic() - returned_at < self.ping_after:
             return
         try:
-            # no arguments: the simple query protocol, one round trip, no prepared statement
-            await_(driver.execute("SELECT 1"))
+            # a cancellation during the ping waits for it instead of costing the connection
+            wait_to_completion(_ping, driver)
         except Exception as exc:  # a ping can only fail on an unusable connection
             raise DisconnectionError(f"pre-ping failed: {exc!r}") from exc
+
+
+def _ping(driver: Any) -> None:
+    # no arguments: the simple query protocol, one round trip, no prepared statement
+    await_(driver.execute("SELECT 1"))
 
 
 def _read_committed(level: object) -> bool:

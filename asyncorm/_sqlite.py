@@ -33,7 +33,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolResetState
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.util import await_
 
 from ._errors import ConfigurationError, SQLiteWriteLockError, SQLiteWriteLockTimeout
@@ -61,8 +61,6 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
             f"SQLite timeout must be a number of seconds, got {raw_timeout!r}."
         ) from None
     connect_args["timeout"] = timeout
-    # the profile rolls back on return itself, and only when a transaction is open
-    kwargs.setdefault("pool_reset_on_return", None)
     # the driver's own implicit BEGIN handling off: the profile emits BEGIN itself
     connect_args.setdefault("isolation_level", None)
     kwargs["connect_args"] = connect_args
@@ -120,7 +118,6 @@ class _SQLiteProfile:
         sync_engine = engine.sync_engine
         event.listen(sync_engine, "connect", self._on_connect)
         event.listen(sync_engine, "begin", self._on_begin)
-        event.listen(sync_engine, "reset", self._on_reset)
         event.listen(sync_engine, "checkin", self._on_return)
         event.listen(sync_engine, "detach", self._on_return)
 
@@ -156,18 +153,6 @@ class _SQLiteProfile:
                     "BEGIN IMMEDIATE", (), exc, sqlite3.Error, dialect=conn.dialect
                 ) from exc
             raise
-
-    @staticmethod
-    def _on_reset(
-        dbapi_connection: Any, connection_record: ConnectionPoolEntry, state: PoolResetState
-    ) -> None:
-        # SQLAlchemy's default reset calls rollback() on every return, a trip to the driver's
-        # thread even after a commit; SQLite says for free whether a transaction is open
-        if state.transaction_was_reset or state.terminate_only:
-            return
-        driver = connection_record.driver_connection
-        if driver is not None and driver.in_transaction:
-            dbapi_connection.rollback()
 
     def _on_return(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
         record = connection_record.record_info

@@ -606,5 +606,5 @@ async def test_async_session_constructed_directly_keeps_sqlalchemy_defaults(
         assert ours.sync_session.expire_on_commit is True
         for name in ("autoflush", "expire_on_commit", "join_transaction_mode", "twophase"):
             assert getattr(ours.sync_session, name) == getattr(theirs.sync_session, name), name
-        assert type(ours.sync_session) is type(theirs.sync_session)
+        assert isinstance(ours.sync_session, type(theirs.sync_session))
         assert ours.bind is engine

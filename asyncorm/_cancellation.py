@@ -1,0 +1,232 @@
+"""Cancellation: roll back and keep the connection, instead of terminating it.
+
+An asyncio task can be cancelled at any ``await``; inside a session that is usually an await
+on the database driver. SQLAlchemy treats a cancellation there like a lost connection: the
+connection is invalidated and closed, and the pool opens a new one for the next checkout.
+This module makes cancellation cheap and clean, through SQLAlchemy's documented engine and
+pool events:
+
+* ``handle_error``: a cancellation during a statement, BEGIN, COMMIT or ROLLBACK is not a
+  disconnect (``ExceptionContext.is_disconnect = False``). The connection stays with its
+  owner, is rolled back when the session releases it, and goes back to the pool alive. It is
+  marked *suspect* first.
+* ``reset`` (a connection returning to the pool): a suspect asyncpg connection is repaired
+  and checked before it is pooled again: pending cancellations settled, a transaction nobody
+  tracks rolled back, a trial transaction run through SQLAlchemy's own adapter, nothing left
+  open. A cancellation can interrupt asyncpg between its bookkeeping and the server (while it
+  sends BEGIN, asyncpg keeps the failed transaction as the connection's top transaction, and
+  the next BEGIN would become a SAVEPOINT of it); that one private asyncpg attribute is reset
+  here. A connection that fails the check is discarded. aiosqlite needs no check: a cancelled
+  call still completes on the connection's thread and the calls after it queue behind it.
+* ``reset`` also does the pool's rollback-on-return (``pool_reset_on_return="rollback"``, the
+  default) instead of SQLAlchemy's pool, which logs "Exception during reset or similar" and
+  discards the connection when a cancellation lands in that rollback.
+
+Cleanup that must not be abandoned halfway (``close()``, ``rollback()``, the checks above)
+runs to completion: a cancellation arriving meanwhile is delivered once it has finished, with
+:meth:`asyncio.Task.uncancel` keeping the task's cancellation count exact, so that
+:func:`asyncio.timeout` and task groups still recognise their own cancellations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool.base import PoolResetState
+from sqlalchemy.util.concurrency import await_, greenlet_spawn
+
+__all__ = [
+    "CLEANUP_GRACE",
+    "EngineHooks",
+    "request_again",
+    "run_to_completion",
+    "wait_to_completion",
+]
+
+_T = TypeVar("_T")
+
+CLEANUP_GRACE = 10.0
+"""Seconds a cancelled task waits for cleanup (a ping, a connection check) to finish before
+the cleanup itself is cancelled and the connection discarded."""
+
+_SUSPECT = "asyncorm.cancelled"  # pool record info: a cancellation interrupted this connection
+
+# Drivers whose connections survive a cancelled call (see the module docstring).
+_KEEPS_CONNECTION = frozenset({"asyncpg", "aiosqlite"})
+
+
+async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Await ``coro`` in a task of its own, to completion even if the caller is cancelled.
+
+    A cancellation of the caller is re-raised once ``coro`` has finished, so the caller never
+    returns while its cleanup still runs in the background.
+    """
+    task = asyncio.ensure_future(coro)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.done():  # the cleanup itself was cancelled (e.g. loop shutdown)
+                raise
+            cancelled = exc
+        else:
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result
+
+
+def wait_to_completion(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run the sync ``fn(*args)`` (which may ``await_()``) to completion from greenlet code.
+
+    Called where SQLAlchemy is mid-way through pool bookkeeping, in which an exception would
+    cost the connection. A cancellation that arrives meanwhile is held back until ``fn`` has
+    finished and then requested again, so that it lands at the caller's next await. If ``fn``
+    has not finished :data:`CLEANUP_GRACE` seconds after the cancellation, ``fn`` is cancelled
+    and the cancellation raised at once.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(greenlet_spawn(fn, *args))
+    deferred: list[asyncio.CancelledError] = []
+    deadline = 0.0
+    while not task.done():
+        try:
+            if not deferred:
+                await_(asyncio.wait((task,)))
+            elif loop.time() < deadline:
+                await_(asyncio.wait((task,), timeout=deadline - loop.time()))
+            else:
+                task.cancel()
+                await_(asyncio.wait((task,)))
+        except asyncio.CancelledError as exc:
+            if not deferred:
+                deadline = loop.time() + CLEANUP_GRACE
+            deferred.append(exc)
+    if deferred:
+        if task.cancelled():  # given up on: the caller's cancellation goes on from here
+            raise deferred[0]
+        request_again(deferred)
+    return task.result()
+
+
+class EngineHooks:
+    """The engine listeners of this module, and the pool option they take over.
+
+    ``pool_reset_on_return="rollback"`` (SQLAlchemy's default) is done by the ``reset``
+    listener here instead of by SQLAlchemy's pool, which treats a cancellation arriving in
+    that rollback as a broken connection (discarded, and logged as "Exception during reset or
+    similar"). Other ``pool_reset_on_return`` values are left to SQLAlchemy.
+    """
+
+    def __init__(self, engine_kwargs: dict[str, Any]) -> None:
+        reset = engine_kwargs.pop("pool_reset_on_return", "rollback")
+        self.rollback_on_return = reset in ("rollback", True)
+        engine_kwargs["pool_reset_on_return"] = None if self.rollback_on_return else reset
+
+    def install(self, engine: AsyncEngine) -> None:
+        """Listen on ``engine``'s events."""
+        sync_engine = engine.sync_engine
+        dialect = sync_engine.dialect
+        checks_suspects = dialect.driver == "asyncpg"
+        rollback_on_return = self.rollback_on_return
+
+        def reset(
+            dbapi_connection: Any,
+            record: ConnectionPoolEntry | None,
+            reset_state: PoolResetState,
+        ) -> None:
+            if not reset_state.asyncio_safe or record is None:
+                return  # garbage collected, or detached from the pool: being closed
+            if record.info.pop(_SUSPECT, False) and checks_suspects:
+                if not wait_to_completion(_asyncpg_is_clean, dbapi_connection):
+                    record.invalidate()
+                return
+            if not rollback_on_return or reset_state.transaction_was_reset:
+                return
+            if not _transaction_open(record.driver_connection):
+                return  # SQLAlchemy's reset would still cost a trip to aiosqlite's thread
+            try:
+                dialect.do_rollback(dbapi_connection)
+            except asyncio.CancelledError as exc:
+                # aiosqlite finishes the rollback on its thread regardless; asyncpg's state
+                # after a cancelled ROLLBACK is settled and checked before pooling
+                if checks_suspects and not wait_to_completion(_asyncpg_is_clean, dbapi_connection):
+                    record.invalidate()
+                request_again([exc])
+
+        if dialect.driver in _KEEPS_CONNECTION:
+            event.listen(sync_engine, "handle_error", _keep_connection_on_cancel)
+        event.listen(sync_engine, "reset", reset)
+
+
+def request_again(cancellations: list[asyncio.CancelledError]) -> None:
+    """Re-request cancellations that were caught, so they land at the task's next await.
+
+    :meth:`asyncio.Task.uncancel` first, so the task's cancellation count stays what it was.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    for _ in cancellations:
+        task.uncancel()
+    message = cancellations[0].args[0] if cancellations[0].args else None
+    for _ in cancellations:
+        task.cancel(message)
+
+
+def _transaction_open(driver: Any) -> bool:
+    """Whether the driver says a transaction is open; both drivers know it without IO."""
+    if driver is None:
+        return True
+    if hasattr(driver, "is_in_transaction"):  # asyncpg
+        return bool(driver.is_in_transaction())
+    return bool(getattr(driver, "in_transaction", True))  # aiosqlite (sqlite3's attribute)
+
+
+def _keep_connection_on_cancel(context: ExceptionContext) -> None:
+    connection = context.connection
+    if (
+        context.is_disconnect
+        and not context.is_pre_ping
+        and isinstance(context.original_exception, asyncio.CancelledError)
+        and connection is not None
+        and not connection.closed
+        and not connection.invalidated
+    ):
+        context.is_disconnect = False
+        connection.info[_SUSPECT] = True
+
+
+def _asyncpg_is_clean(dbapi_connection: Any) -> bool:
+    """Repair a cancelled asyncpg connection; whether it can serve the next checkout."""
+    driver = dbapi_connection.driver_connection
+    autocommit = dbapi_connection.autocommit
+    try:
+        dbapi_connection.rollback()  # the transaction SQLAlchemy's adapter knows about
+        await_(driver.execute("SELECT 1"))  # waits until asyncpg has settled a pending cancel
+        if driver.is_in_transaction():
+            # a transaction nobody tracks: BEGIN was interrupted after it was sent
+            await_(driver.execute("ROLLBACK"))
+        if getattr(driver, "_top_xact", None) is not None:
+            # asyncpg keeps a transaction whose start() was interrupted as the connection's
+            # top transaction (state "failed"), which would make the next BEGIN a SAVEPOINT;
+            # nothing else can hold it here (the adapter's transaction has ended)
+            driver._top_xact = None
+        dbapi_connection.autocommit = False
+        cursor = dbapi_connection.cursor()  # a trial transaction, begun as the next user's
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()
+        return not driver.is_in_transaction()
+    except Exception:
+        return False
+    finally:
+        dbapi_connection.autocommit = autocommit
