@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from sqlalchemy import util as sa_util
+from sqlalchemy.exc import NoResultFound
 from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import Mapper, Session
@@ -151,20 +152,9 @@ class AsyncSession(sa_asyncio.AsyncSession):
         execution_options: OrmExecuteOptionsParameter = sa_util.EMPTY_DICT,
     ) -> _O:
         """As :meth:`get`, raising :class:`~sqlalchemy.exc.NoResultFound` for no row."""
-        took = enter(self, "get_one")
+        took = enter(self, "get_one")  # get() below runs inside this guard
         try:
-            found = self._identity_map_hit(
-                entity,
-                ident,
-                populate_existing,
-                with_for_update,
-                identity_token,
-                execution_options,
-            )
-            if found is not None:
-                return found  # type: ignore[no-any-return]
-            return await _AsyncBase.get_one(
-                self,
+            found = await self.get(
                 entity,
                 ident,
                 options=options,
@@ -176,6 +166,9 @@ class AsyncSession(sa_asyncio.AsyncSession):
         finally:
             if took:
                 leave(self)
+        if found is None:  # as SQLAlchemy's Session.get_one()
+            raise NoResultFound("No row was found when one was required")
+        return found
 
     def _identity_map_hit(
         self,
@@ -197,39 +190,29 @@ class AsyncSession(sa_asyncio.AsyncSession):
 
     async def rollback(self) -> None:
         """Roll back the current transaction, to completion even if the task is cancelled."""
-        took = enter(self, "rollback")
-        try:
-            await _to_completion(self, _AsyncBase.rollback(self))
-        finally:
-            if took:
-                leave(self)
+        await self._cleanup("rollback", _AsyncBase.rollback)
 
     async def close(self) -> None:
         """Close the session (expunge all, release connections), to completion.
 
         A cancellation arriving meanwhile is raised once the connection is back in the pool.
         """
-        took = enter(self, "close")
-        try:
-            await _to_completion(self, _AsyncBase.close(self))
-        finally:
-            if took:
-                leave(self)
+        await self._cleanup("close", _AsyncBase.close)
 
     async def reset(self) -> None:
         """As SQLAlchemy's ``reset()``, to completion even if the task is cancelled."""
-        took = enter(self, "reset")
-        try:
-            await _to_completion(self, _AsyncBase.reset(self))
-        finally:
-            if took:
-                leave(self)
+        await self._cleanup("reset", _AsyncBase.reset)
 
     async def invalidate(self) -> None:
         """As SQLAlchemy's ``invalidate()``, to completion even if the task is cancelled."""
-        took = enter(self, "invalidate")
+        await self._cleanup("invalidate", _AsyncBase.invalidate)
+
+    async def _cleanup(
+        self, operation: str, method: Callable[[_AsyncBase], Coroutine[Any, Any, None]]
+    ) -> None:
+        took = enter(self, operation)  # may raise: create the coroutine only after it
         try:
-            await _to_completion(self, _AsyncBase.invalidate(self))
+            await _to_completion(self, method(self))
         finally:
             if took:
                 leave(self)
