@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import async_scoped_session as sa_async_scoped_session
 from sqlalchemy.orm import Session, sessionmaker
 
+import asyncorm
 from benchmarks._bench import Bench
 from benchmarks._core import (
     ASYNCORM,
     ORM_CONTENDERS,
     RAW,
+    SQLALCHEMY,
     SQLITE,
     STANDARD,
     SYNC,
@@ -403,17 +407,66 @@ def _w6() -> Case:
 
 
 def _w7() -> list[Case]:
-    """EXTENSION POINT for W7, registry and middleware overhead (issue 5, item 2).
+    """Registry overhead, no IO: asyncorm's ``async_scoped_session`` against SQLAlchemy's.
 
-    Not implemented yet. To add it, return its cases from here, built like the ones above:
-    ``Case("W7", "<variant>", "<unit>", build, contenders=..., baseline=...)`` where
-    ``build(bench, contender)`` returns a :class:`Trial`. A case may name contenders of its
-    own (say ``"asyncorm+registry"``; give them a label in ``_core.LABELS``) and pick
-    which one is the baseline; ``bench.factory(ASYNCORM)`` is asyncorm's warm session
-    factory, and ``bench.engines[ASYNCORM]`` its engine. The table, RESULTS.md and the chart
-    pick new cases and contenders up by themselves.
+    SQLAlchemy's registry is set up as its documentation says for asyncio:
+    ``async_scoped_session(factory, scopefunc=asyncio.current_task)``, with ``await
+    registry.remove()`` ending each unit of work. The baseline is SQLAlchemy's.
+
+    * lookup: ``db()`` of a session that exists (SQLAlchemy: ``registry()``);
+    * scope: one unit of work that looks its session up once and does no IO (asyncorm:
+      ``async with db.scope(): db()``; SQLAlchemy: ``registry()`` then ``await
+      registry.remove()``).
+
+    Framework middleware is not measured yet: asyncorm has none so far.
     """
-    return []
+
+    def registry(bench: Bench, contender: str) -> Any:
+        factory: Any = bench.factory(contender)
+        if contender == ASYNCORM:
+            return asyncorm.async_scoped_session(factory)
+        return sa_async_scoped_session(factory, scopefunc=asyncio.current_task)
+
+    def lookup(bench: Bench, contender: str) -> Trial:
+        n = bench.sizes.hits
+        db: Any = registry(bench, contender)
+
+        async def run() -> int:
+            if contender == ASYNCORM:
+                async with db.scope():
+                    for _ in range(n):
+                        db()
+            else:
+                for _ in range(n):
+                    db()
+                await db.remove()
+            return n
+
+        return Trial(run=run)
+
+    def scope(bench: Bench, contender: str) -> Trial:
+        n = bench.sizes.hits
+        db: Any = registry(bench, contender)
+
+        async def run() -> int:
+            if contender == ASYNCORM:
+                for _ in range(n):
+                    async with db.scope():
+                        db()
+            else:
+                for _ in range(n):
+                    db()
+                    await db.remove()
+            return n
+
+        return Trial(run=run)
+
+    return [
+        Case("W7", "registry lookup", "lookups", lookup, contenders=ORM_CONTENDERS,
+             baseline=SQLALCHEMY, short=True),
+        Case("W7", "registry scope, no IO", "scopes", scope, contenders=ORM_CONTENDERS,
+             baseline=SQLALCHEMY, short=True),
+    ]  # fmt: skip
 
 
 def all_cases() -> list[Case]:
