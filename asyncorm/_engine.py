@@ -67,7 +67,7 @@ def _parse(url: str | URL) -> URL:
         raise ConfigurationError(f"create_engine() got an empty URL. Supported: {SUPPORTED}.")
     try:
         return make_url(url)
-    except sa_exc.ArgumentError:
+    except (sa_exc.ArgumentError, ValueError):  # ValueError: e.g. a port that is no number
         raise ConfigurationError(
             f"Could not parse database URL {redact_url(url)!r}. Supported: {SUPPORTED}."
         ) from None

@@ -58,6 +58,7 @@ async def test_accepted_urls_pick_the_async_driver(
         ("", r"empty URL. Supported: sqlite://"),
         ("   ", r"empty URL"),
         ("not a url", r"Could not parse database URL 'not a url'. Supported:"),
+        ("postgresql://app@db:notaport/app", r"Could not parse database URL"),
     ],
 )
 def test_unsupported_urls_raise_configuration_error(url: str, message: str) -> None:
@@ -111,6 +112,7 @@ def test_missing_driver_names_the_pip_extra(
         "postgresql+psycopg2://app:s3cret-pw@h/app",
         "oracle+cx://app:s3cret-pw@h/app",
         "postgres:/app:s3cret-pw@:::",
+        "postgresql://app:s3cret-pw@db:notaport/app",
     ],
 )
 def test_passwords_never_appear_in_errors(url: str) -> None:
