@@ -15,31 +15,39 @@ so the pool replaces it:
   0 pings on every checkout.
 
 Deferred BEGIN. Under READ COMMITTED, PostgreSQL's default, every statement sees a fresh
-snapshot whether or not it runs inside a transaction block, so a plain ``SELECT`` (no
-``FOR UPDATE``/``FOR SHARE``, no ``INTO``, no function outside a list of side-effect-free
-ones, not streamed through a server-side cursor) returns exactly the same rows with or
-without a ``BEGIN`` before it. The profile therefore leaves a new transaction's connection in
-autocommit until the first statement that is not such a read: a request that only reads
-costs one round trip instead of three (BEGIN, SELECT, ROLLBACK), and the first other
-statement (a flush, ``FOR UPDATE``, ``text()``, a savepoint) sends BEGIN first, so
-everything from there on is one atomic transaction, as usual. Transactions under another
+snapshot whether or not it runs inside a transaction block, so a plain read returns exactly
+the same rows with or without a ``BEGIN`` before it. A plain read is a ``SELECT`` built with
+SQLAlchemy (the compiled statement, ORM expressions expanded, is inspected once per cached
+statement) with no ``FOR UPDATE``/``FOR SHARE``, no ``INTO``, no clock (``now()``,
+``CURRENT_TIMESTAMP``), no ``text()`` or literal SQL, no user-defined operator, and no
+function but PostgreSQL's own side-effect-free ones (``count``, ``lower``, ...) called
+unqualified; not streamed through a server-side cursor. The profile leaves a new
+transaction's connection in autocommit until the first statement that is not a plain read: a
+request that only reads costs one round trip instead of three (BEGIN, SELECT, ROLLBACK), and
+the first other statement (a flush, ``FOR UPDATE``, ``text()``, ``exec_driver_sql()``, a
+savepoint) sends BEGIN first, so everything from there on is one atomic transaction, as
+usual. What SQL text cannot show is not seen: a view over a function that writes, or a table
+column name that PostgreSQL resolves as a function call. Transactions under another
 isolation level, ``postgresql_readonly`` or ``postgresql_deferrable`` always begin at once.
 ``create_engine(url, defer_begin=False)`` turns it off.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, ExecutionContext
+from sqlalchemy.engine import URL, Compiled, Connection, ExecutionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.sql import Select, operators, visitors
+from sqlalchemy.sql.elements import BinaryExpression, TextClause
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.util import await_
 
 from ._cancellation import wait_to_completion
@@ -118,22 +126,21 @@ def _read_committed(level: object) -> bool:
     return level is None or str(level).upper().replace("_", " ") == "READ COMMITTED"
 
 
-# functions that read and change nothing; any other function call gets a transaction
+# functions that read and change nothing (PostgreSQL's own, unqualified); any other
+# function gets a transaction
 _SAFE_CALLS = frozenset(
     {
-        "in", "exists", "any", "all", "some", "values", "array", "row", "cast", "coalesce",
-        "nullif", "greatest", "least", "count", "sum", "min", "max", "avg", "every", "bool_and",
-        "bool_or", "array_agg", "string_agg", "json_agg", "jsonb_agg", "json_build_object",
-        "jsonb_build_object", "json_object_agg", "jsonb_object_agg", "lower", "upper", "length",
-        "char_length", "octet_length", "trim", "ltrim", "rtrim", "substring", "substr", "position",
-        "replace", "concat", "concat_ws", "left", "right", "lpad", "rpad", "abs", "round", "ceil",
-        "ceiling", "floor", "trunc", "mod", "power", "sqrt", "date_trunc", "date_part", "extract",
-        "to_char", "to_date", "to_timestamp", "to_number", "row_number", "rank", "dense_rank",
-        "percent_rank", "cume_dist", "ntile", "lag", "lead", "first_value", "last_value", "over",
-        "filter", "within", "lateral", "unnest"
+        "coalesce", "nullif", "greatest", "least", "count", "sum", "min", "max", "avg", "every",
+        "bool_and", "bool_or", "array_agg", "string_agg", "json_agg", "jsonb_agg",
+        "json_build_object", "jsonb_build_object", "json_object_agg", "jsonb_object_agg",
+        "lower", "upper", "length", "char_length", "octet_length", "trim", "ltrim", "rtrim",
+        "substring", "substr", "position", "replace", "concat", "concat_ws", "left", "right",
+        "lpad", "rpad", "abs", "round", "ceil", "ceiling", "floor", "trunc", "mod", "power",
+        "sqrt", "date_trunc", "date_part", "extract", "to_char", "to_date", "to_timestamp",
+        "to_number", "row_number", "rank", "dense_rank", "percent_rank", "cume_dist", "ntile",
+        "lag", "lead", "first_value", "last_value", "unnest"
     }
 )
-_CALL = re.compile(r'("?)([A-Za-z_][A-Za-z0-9_$]*)\1\s*\(')
 # locking reads, SELECT INTO, and the clock: CURRENT_TIMESTAMP is the transaction's start
 _NOT_PLAIN = re.compile(
     r"\bFOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b|\bINTO\b"
@@ -141,13 +148,50 @@ _NOT_PLAIN = re.compile(
     re.I,
 )
 
+# verdicts per compiled statement: SQLAlchemy caches compiled statements, so each distinct
+# statement is judged once
+_verdicts: weakref.WeakKeyDictionary[Compiled, bool] = weakref.WeakKeyDictionary()
 
-@functools.lru_cache(maxsize=2048)
-def _is_plain_read(sql: str) -> bool:
-    """True for a SELECT whose rows cannot differ inside or outside a READ COMMITTED block."""
-    if sql.lstrip()[:7].upper() != "SELECT " or _NOT_PLAIN.search(sql):
+
+def _is_plain_read(context: ExecutionContext | None, sql: str) -> bool:
+    """True for a SELECT built with SQLAlchemy whose rows cannot differ inside or outside a
+    READ COMMITTED transaction block (it calls no function that could write).
+
+    Hand-written SQL (``text()``, ``exec_driver_sql()``) is never judged plain.
+    """
+    compiled = None if context is None else context.compiled
+    if compiled is None:
         return False
-    return all(name.lower() in _SAFE_CALLS for _, name in _CALL.findall(sql))
+    verdict = _verdicts.get(compiled)
+    if verdict is None:
+        # an ORM statement's compile state holds the Core SELECT actually compiled, with
+        # column_property() and other ORM expressions expanded
+        state = getattr(compiled, "compile_state", None)
+        statement = getattr(state, "statement", None)
+        if statement is None:
+            statement = compiled.statement
+        verdict = _plain_select(statement) and not _NOT_PLAIN.search(sql)
+        _verdicts[compiled] = verdict
+    return verdict
+
+
+def _plain_select(statement: object) -> bool:
+    if not isinstance(statement, Select):
+        return False
+    for element in visitors.iterate(statement):
+        if isinstance(element, FunctionElement):
+            name = str(getattr(element, "name", ""))
+            if getattr(element, "packagenames", ()) or name.lower() not in _SAFE_CALLS:
+                return False  # also schema.lower(), which is not pg_catalog's lower()
+        elif isinstance(element, TextClause) or (
+            getattr(element, "is_literal", False) and getattr(element, "name", None) != "*"
+        ):
+            return False  # text() and literal_column() (but count()'s *): unjudged SQL
+        elif isinstance(element, BinaryExpression) and isinstance(
+            element.operator, operators.custom_op
+        ):
+            return False  # a user-defined operator runs a function of its own
+    return True
 
 
 _DEFERRED = "asyncorm_deferred_begin"
@@ -189,7 +233,7 @@ class _DeferredBegin:
         if not conn.info.get(_DEFERRED):
             return
         streamed = context is not None and context.execution_options.get("stream_results")
-        if executemany or streamed or not _is_plain_read(statement):
+        if executemany or streamed or not _is_plain_read(context, statement):
             # from here on the transaction is real: the driver sends BEGIN first
             conn.info[_DEFERRED] = False
             conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncorm
-from asyncorm._postgresql import _is_plain_read
 from tests.conftest import postgres_url, reset_schema
 from tests.models import User
 
@@ -49,10 +48,11 @@ async def test_a_plain_read_sends_no_begin(pg_engine: AsyncEngine) -> None:
     [
         select(User).with_for_update(),
         text("SET LOCAL statement_timeout = 5000"),
+        text("SELECT 1"),
         select(func.pg_advisory_xact_lock(1)),
         select(func.txid_current()),
     ],
-    ids=["for-update", "set-local", "advisory-xact-lock", "txid-current"],
+    ids=["for-update", "set-local", "text-select", "advisory-xact-lock", "txid-current"],
 )
 async def test_anything_but_a_plain_read_begins_first(
     pg_engine: AsyncEngine, statement: Any
@@ -144,27 +144,66 @@ async def test_connection_is_transactional_again_after_a_deferred_one(
         await session.rollback()
 
 
+@pytest.fixture
+async def audited(pg_engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    """A schema with functions that write to an audit table, as a volatile function may."""
+    async with pg_engine.begin() as conn:
+        for statement in (
+            "DROP SCHEMA IF EXISTS asyncorm_t CASCADE",
+            "CREATE SCHEMA asyncorm_t",
+            "CREATE TABLE asyncorm_t.audit (n int)",
+            "CREATE FUNCTION asyncorm_t.bump() RETURNS int LANGUAGE sql AS "
+            "'INSERT INTO asyncorm_t.audit VALUES (1) RETURNING n'",
+            # the name of a safe built-in, in another schema
+            "CREATE FUNCTION asyncorm_t.lower(text) RETURNS text LANGUAGE sql AS "
+            "'INSERT INTO asyncorm_t.audit VALUES (2) RETURNING $1'",
+        ):
+            await conn.exec_driver_sql(statement)
+    yield pg_engine
+    async with pg_engine.begin() as conn:
+        await conn.exec_driver_sql("DROP SCHEMA asyncorm_t CASCADE")
+
+
 @pytest.mark.parametrize(
-    ("sql", "plain"),
+    "statement",
     [
-        ("SELECT users.id FROM users WHERE users.id = $1::INTEGER", True),
-        ("SELECT count(*) AS count_1 FROM users", True),
-        ("SELECT lower(users.name) FROM users WHERE users.id IN ($1, $2)", True),
-        ("SELECT users.id FROM users FOR UPDATE", False),
-        ("SELECT users.id FROM users FOR NO KEY UPDATE OF users", False),
-        ("SELECT users.id FROM users FOR SHARE", False),
-        ("SELECT * INTO copy FROM users", False),
-        ("SELECT nextval('users_id_seq')", False),
-        ("SELECT my_function(users.id) FROM users", False),
-        ('SELECT "my_function"(1)', False),
-        ("WITH d AS (DELETE FROM users RETURNING id) SELECT * FROM d", False),
-        ("UPDATE users SET name = $1", False),
-        ("select 1", True),
-        ("SET LOCAL statement_timeout = 5000", False),
-        ("SELECT now()", False),  # inside a transaction, the time it began
-        ("SELECT CURRENT_TIMESTAMP", False),
-        ("SELECT random()", False),
+        select(func.asyncorm_t.bump()),
+        select(func.asyncorm_t.lower("x")),
+        select(literal_column("asyncorm_t.bump()")),
+        text("SELECT asyncorm_t.bump()"),
+        select(User.id).where(User.name == func.asyncorm_t.lower("ann")),
     ],
+    ids=["function", "safe-name-other-schema", "literal-column", "text", "in-where"],
 )
-def test_plain_read_classification(sql: str, plain: bool) -> None:
-    assert _is_plain_read(sql) is plain
+async def test_a_read_calling_a_function_that_writes_is_rolled_back(
+    audited: AsyncEngine, statement: Any
+) -> None:
+    Session = asyncorm.async_sessionmaker(audited)
+    async with Session() as session:
+        await session.execute(statement)
+        assert await in_transaction_block(session)
+        await session.rollback()
+    async with audited.connect() as conn:
+        assert (await conn.exec_driver_sql("SELECT count(*) FROM asyncorm_t.audit")).scalar() == 0
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        select(func.now()),
+        select(User.id).where(User.name.op("~~*")("a%")),
+        select(func.random()),
+    ],
+    ids=["clock", "custom-operator", "random"],
+)
+async def test_reads_that_could_differ_begin_first(pg_engine: AsyncEngine, statement: Any) -> None:
+    async with asyncorm.async_sessionmaker(pg_engine)() as session:
+        await session.execute(statement)
+        assert await in_transaction_block(session)
+
+
+async def test_plain_reads_with_safe_functions_send_no_begin(pg_engine: AsyncEngine) -> None:
+    async with asyncorm.async_sessionmaker(pg_engine)() as session:
+        await session.execute(select(func.lower(User.name), func.count()).group_by(User.name))
+        await session.execute(select(User).where(func.coalesce(User.fullname, "") == ""))
+        assert not await in_transaction_block(session)
