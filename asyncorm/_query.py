@@ -25,6 +25,11 @@ _T = TypeVar("_T")
 
 SynchronizeSession = Literal["auto", "evaluate", "fetch", False]
 
+_JOINED = "join(), outerjoin(), select_from(), or from_self()"
+_BULK_REFUSED = ("limit()", "offset()", "order_by()", "group_by()", "distinct()", _JOINED)
+"""The builders whose state a bulk DELETE/UPDATE would drop, in the order (and the words)
+of the sync Query's ``BulkUD._validate_query_state``."""
+
 
 def _is_entity(entity: Any) -> bool:
     """True for a mapped class, mapper or aliased class: what legacy Query returns bare."""
@@ -49,7 +54,9 @@ class AsyncQuery(Generic[_T]):
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_entities", "_for_update", "_load_options", "_session", "_statement")
+    __slots__ = (
+        "_bulk_refused", "_entities", "_for_update", "_load_options", "_session", "_statement"
+    )
 
     def __init__(self, session: AsyncSession, entities: Sequence[Any]) -> None:
         if not entities:
@@ -62,6 +69,8 @@ class AsyncQuery(Generic[_T]):
         self._statement: Select[Any] = select(*entities)
         self._load_options: tuple[Any, ...] = ()
         self._for_update: dict[str, Any] | None = None
+        # the _BULK_REFUSED builders in effect: delete() / update() refuse to run with them
+        self._bulk_refused: frozenset[str] = frozenset()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -72,7 +81,20 @@ class AsyncQuery(Generic[_T]):
         new._statement = statement
         new._load_options = changes.get("load_options", self._load_options)
         new._for_update = changes.get("for_update", self._for_update)
+        new._bulk_refused = changes.get("bulk_refused", self._bulk_refused)
         return new
+
+    def _tracked(self, statement: Select[Any], builder: str, in_effect: bool) -> Self:
+        """``_derive``, recording whether ``builder``'s state is now in effect."""
+        if in_effect:
+            return self._derive(statement, bulk_refused=self._bulk_refused | {builder})
+        return self._derive(statement, bulk_refused=self._bulk_refused - {builder})
+
+    def _clauses_in_effect(self, builder: str, clauses: tuple[Any, ...]) -> bool:
+        # order_by() / group_by() as in Select: (None,) clears the clauses, () keeps them
+        if not clauses:
+            return builder in self._bulk_refused
+        return not (len(clauses) == 1 and clauses[0] is None)
 
     @property
     def statement(self) -> Select[Any]:
@@ -100,6 +122,15 @@ class AsyncQuery(Generic[_T]):
             self._statement if statement is None else statement
         )
         return self._shape(result)
+
+    def _check_bulk_state(self) -> None:
+        # as the sync Query: DELETE/UPDATE keep only the WHERE criteria, so refuse what else
+        # would be dropped (LIMIT 1 would otherwise delete every matching row)
+        for builder in _BULK_REFUSED:
+            if builder in self._bulk_refused:
+                raise InvalidRequestError(
+                    f"Can't call Query.update() or Query.delete() when {builder} has been called"
+                )
 
     def _bulk_entity(self, operation: str) -> Any:
         if not self.is_single_entity:
@@ -132,22 +163,29 @@ class AsyncQuery(Generic[_T]):
 
     def order_by(self, *clauses: Any) -> Self:
         """Add ORDER BY; ``order_by(None)`` cancels it."""
-        return self._derive(self._statement.order_by(*clauses))
+        return self._tracked(
+            self._statement.order_by(*clauses),
+            "order_by()",
+            self._clauses_in_effect("order_by()", clauses),
+        )
 
     def join(self, target: Any, onclause: Any = None, *, isouter: bool = False,
              full: bool = False) -> Self:
         """Join ``target``, as ``Query.join``: ``query.join(User.addresses)``."""
-        return self._derive(
-            self._statement.join(target, onclause, isouter=isouter, full=full)
+        return self._tracked(
+            self._statement.join(target, onclause, isouter=isouter, full=full), _JOINED, True
         )
 
     def outerjoin(self, target: Any, onclause: Any = None, *, full: bool = False) -> Self:
         """LEFT OUTER JOIN ``target``."""
-        return self._derive(self._statement.outerjoin(target, onclause, full=full))
+        return self._tracked(
+            self._statement.outerjoin(target, onclause, full=full), _JOINED, True
+        )
 
     def select_from(self, *froms: Any) -> Self:
         """Set the FROM clause explicitly."""
-        return self._derive(self._statement.select_from(*froms))
+        in_effect = bool(froms) or _JOINED in self._bulk_refused
+        return self._tracked(self._statement.select_from(*froms), _JOINED, in_effect)
 
     def options(self, *options: Any) -> Self:
         """Apply loader options: ``query.options(selectinload(User.addresses))``."""
@@ -157,19 +195,23 @@ class AsyncQuery(Generic[_T]):
 
     def limit(self, limit: int | None) -> Self:
         """LIMIT the rows returned."""
-        return self._derive(self._statement.limit(limit))
+        return self._tracked(self._statement.limit(limit), "limit()", limit is not None)
 
     def offset(self, offset: int | None) -> Self:
         """Skip ``offset`` rows."""
-        return self._derive(self._statement.offset(offset))
+        return self._tracked(self._statement.offset(offset), "offset()", offset is not None)
 
     def distinct(self, *expr: Any) -> Self:
         """SELECT DISTINCT (``DISTINCT ON (expr)`` on PostgreSQL when given expressions)."""
-        return self._derive(self._statement.distinct(*expr))
+        return self._tracked(self._statement.distinct(*expr), "distinct()", True)
 
     def group_by(self, *clauses: Any) -> Self:
         """Add GROUP BY."""
-        return self._derive(self._statement.group_by(*clauses))
+        return self._tracked(
+            self._statement.group_by(*clauses),
+            "group_by()",
+            self._clauses_in_effect("group_by()", clauses),
+        )
 
     def having(self, *criterion: Any) -> Self:
         """Add HAVING criteria."""
@@ -269,7 +311,11 @@ class AsyncQuery(Generic[_T]):
         """Bulk DELETE the rows this query matches; returns the number of rows deleted.
 
         ``synchronize_session`` keeps the session's objects in sync as in the sync Query.
+        As there, a query with ``limit()``, ``offset()``, ``order_by()``, ``group_by()``,
+        ``distinct()``, ``join()``, ``outerjoin()`` or ``select_from()`` raises
+        :class:`~sqlalchemy.exc.InvalidRequestError` before any SQL is sent.
         """
+        self._check_bulk_state()
         entity = self._bulk_entity("delete")
         statement = delete(entity)
         if self._statement.whereclause is not None:
@@ -285,7 +331,11 @@ class AsyncQuery(Generic[_T]):
 
     async def update(self, values: Mapping[Any, Any],
                      synchronize_session: SynchronizeSession = "auto") -> int:
-        """Bulk UPDATE the rows this query matches with ``values``; returns the row count."""
+        """Bulk UPDATE the rows this query matches with ``values``; returns the row count.
+
+        Refuses the same queries as :meth:`delete`, as the sync Query does.
+        """
+        self._check_bulk_state()
         entity = self._bulk_entity("update")
         statement = update(entity).values(dict(values))
         if self._statement.whereclause is not None:

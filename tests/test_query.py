@@ -7,6 +7,7 @@ share the identity map).
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -402,4 +403,90 @@ async def test_bulk_operations_need_one_entity(session: asyncorm.AsyncSession) -
         await session.query(User, Address).delete()
     with pytest.raises(InvalidRequestError, match=r"update\(\) works on one mapped entity"):
         await session.query(User.name).update({"name": "x"})
+    assert await session.query(User).count() == 3
+
+
+# Each builder whose state a bulk DELETE/UPDATE would silently drop, with the words the sync
+# Query's refusal uses for it.
+REFUSED_BULK_BUILDS: list[tuple[str, Build, str]] = [
+    ("limit", lambda q: q.limit(1), "limit()"),
+    ("offset", lambda q: q.offset(1), "offset()"),
+    ("order_by", lambda q: q.order_by(User.id), "order_by()"),
+    ("group_by", lambda q: q.group_by(User.id), "group_by()"),
+    ("distinct", lambda q: q.distinct(), "distinct()"),
+    ("join", lambda q: q.join(User.addresses), "join(), outerjoin(), select_from()"),
+    ("outerjoin", lambda q: q.outerjoin(User.addresses), "join(), outerjoin(), select_from()"),
+    ("select_from", lambda q: q.select_from(User), "join(), outerjoin(), select_from()"),
+]
+
+
+async def users_table(session: asyncorm.AsyncSession) -> list[tuple[Any, ...]]:
+    rows = await session.execute(select(User.id, User.name, User.fullname).order_by(User.id))
+    return [tuple(row) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("build", "words"),
+    [pytest.param(build, words, id=name) for name, build, words in REFUSED_BULK_BUILDS],
+)
+async def test_bulk_operations_refuse_what_they_would_drop_as_sync(
+    engine: AsyncEngine, session: asyncorm.AsyncSession, build: Build, words: str
+) -> None:
+    before = await users_table(session)
+    message = rf"^Can't call Query\.update\(\) or Query\.delete\(\) when {re.escape(words)}"
+    with capture_sql(engine) as statements:
+        with pytest.raises(InvalidRequestError, match=message) as ours_delete:
+            await build(session.query(User).filter(User.name != "zed")).delete()
+        with pytest.raises(InvalidRequestError, match=message) as ours_update:
+            await build(session.query(User)).update({User.fullname: "Someone"})
+    assert statements == []
+    assert await users_table(session) == before  # nothing deleted nor updated
+
+    terminals: list[Build] = [
+        lambda q: q.delete(),
+        lambda q: q.update({User.fullname: "Someone"}),
+    ]
+    for terminal in terminals:
+        with pytest.raises(InvalidRequestError) as theirs:
+            await session.run_sync(lambda s: terminal(build(s.query(User))))  # noqa: B023
+        assert str(theirs.value) == str(ours_delete.value) == str(ours_update.value)
+    assert await users_table(session) == before
+
+
+async def test_limit_1_delete_deletes_nothing(session: asyncorm.AsyncSession) -> None:
+    # the data loss found in review: this used to delete every matching row
+    query = session.query(User).filter(User.name != "zed").order_by(User.id).limit(1)
+    with pytest.raises(InvalidRequestError, match=r"when limit\(\) has been called"):
+        await query.delete()
+    assert await session.query(User).count() == 3
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda q: q.limit(1).limit(None), id="limit(None)"),
+        pytest.param(lambda q: q.offset(1).offset(None), id="offset(None)"),
+        pytest.param(lambda q: q.order_by(User.id).order_by(None), id="order_by(None)"),
+        pytest.param(lambda q: q.group_by(User.id).group_by(None), id="group_by(None)"),
+    ],
+)
+async def test_bulk_operations_run_once_the_builder_is_cancelled_as_sync(
+    session: asyncorm.AsyncSession, build: Build
+) -> None:
+    def sync_update(sync_session: SyncSession) -> Any:
+        return build(sync_session.query(User).filter_by(name="ann")).update({"fullname": "A"})
+
+    assert await build(session.query(User).filter_by(name="cat")).delete() == 1
+    assert await session.run_sync(sync_update) == 1
+    assert await build(session.query(User).filter_by(name="bob")).update({"fullname": "B"}) == 1
+    rows = await users_table(session)
+    assert [(name, fullname) for _, name, fullname in rows] == [("ann", "A"), ("bob", "B")]
+
+
+async def test_bulk_refusal_is_kept_by_derived_queries(session: asyncorm.AsyncSession) -> None:
+    query = session.query(User).limit(1).filter_by(name="cat").order_by()
+    with pytest.raises(InvalidRequestError, match=r"when limit\(\) has been called"):
+        await query.delete()
+    with pytest.raises(InvalidRequestError, match=r"when order_by\(\) has been called"):
+        await session.query(User).order_by(User.id).order_by().update({"fullname": "x"})
     assert await session.query(User).count() == 3
