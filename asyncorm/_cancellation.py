@@ -62,25 +62,39 @@ _KEEPS_CONNECTION = frozenset({"asyncpg", "aiosqlite"})
 
 
 async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Await ``coro`` in a task of its own, to completion even if the caller is cancelled.
+    """Await ``coro`` in a task of its own, and wait for it to finish even if the caller is
+    cancelled meanwhile.
 
-    A cancellation of the caller is re-raised once ``coro`` has finished, so the caller never
-    returns while its cleanup still runs in the background.
+    The caller never returns while its cleanup still runs in the background. A cancellation
+    of the caller is held back until ``coro`` has finished and then raised, whatever ``coro``
+    ended with: an exception raised by ``coro`` is chained to it as ``__cause__``, so that the
+    caller still ends cancelled (its task's cancellation count intact, for
+    :func:`asyncio.timeout` and task groups). If ``coro`` has not finished
+    :data:`CLEANUP_GRACE` seconds after the cancellation, ``coro`` is cancelled, waited for,
+    and the cancellation raised.
     """
-    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(coro)
     cancelled: asyncio.CancelledError | None = None
-    while True:
+    deadline = 0.0
+    while not task.done():
         try:
-            result = await asyncio.shield(task)
+            if cancelled is None:
+                await asyncio.wait((task,))
+            elif loop.time() < deadline:
+                await asyncio.wait((task,), timeout=deadline - loop.time())
+            else:
+                task.cancel()
+                await asyncio.wait((task,))
         except asyncio.CancelledError as exc:
-            if task.done():  # the cleanup itself was cancelled (e.g. loop shutdown)
-                raise
-            cancelled = exc
-        else:
-            break
-    if cancelled is not None:
-        raise cancelled
-    return result
+            if cancelled is None:
+                deadline = loop.time() + CLEANUP_GRACE
+                cancelled = exc
+    if cancelled is None:
+        return task.result()  # raises what ``coro`` raised (a CancelledError if it was)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise cancelled from error
+    raise cancelled
 
 
 def wait_to_completion(fn: Callable[..., _T], *args: Any) -> _T:

@@ -27,7 +27,7 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 import asyncorm
 from asyncorm import _cancellation
-from asyncorm._cancellation import wait_to_completion
+from asyncorm._cancellation import run_to_completion, wait_to_completion
 from tests.conftest import Backend, reset_schema
 from tests.models import User
 
@@ -423,6 +423,121 @@ async def test_held_back_cancellation_gives_up_after_the_grace_period(
             raise
 
     task = asyncio.create_task(greenlet_spawn(wait_to_completion, cleanup))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert outcome == ["cleanup cancelled"]
+
+
+async def failing_cleanup(started: asyncio.Event, release: asyncio.Event) -> None:
+    """Cleanup that fails once released, like a ROLLBACK on a connection that dropped."""
+    started.set()
+    await release.wait()
+    raise RuntimeError("cleanup failed")
+
+
+async def test_cleanup_error_after_a_cancellation_still_cancels_the_caller() -> None:
+    """The cleanup's exception is chained to the cancellation instead of replacing it."""
+    started, release = asyncio.Event(), asyncio.Event()
+    caught: list[BaseException] = []
+
+    async def caller() -> None:
+        try:
+            await run_to_completion(failing_cleanup(started, release))
+        except BaseException as exc:
+            caught.append(exc)
+            raise
+
+    task = asyncio.create_task(caller())
+    await started.wait()
+    task.cancel()
+    release.set()  # the cleanup fails after the cancellation was requested
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    [exc] = caught
+    assert isinstance(exc, asyncio.CancelledError)
+    assert isinstance(exc.__cause__, RuntimeError)
+    assert str(exc.__cause__) == "cleanup failed"
+
+
+async def test_cleanup_error_after_a_timeout_still_times_out() -> None:
+    """asyncio.timeout recognises its cancellation behind a failed cleanup: TimeoutError."""
+    loop = asyncio.get_running_loop()
+    started, release = asyncio.Event(), asyncio.Event()
+    timeouts: list[asyncio.Timeout] = []
+    reached: list[str] = []
+
+    async def timed() -> None:
+        async with asyncio.timeout(None) as timeout:
+            timeouts.append(timeout)
+            try:
+                await run_to_completion(failing_cleanup(started, release))
+            except Exception:  # what a caller catching Exception would do
+                reached.append("caught as Exception")
+            reached.append("not reached")
+
+    task = asyncio.create_task(timed())
+    await started.wait()
+    [timeout] = timeouts
+    timeout.reschedule(loop.time())
+    while not timeout.expired():  # the timeout has cancelled the task
+        await next_iteration()
+    release.set()
+    with pytest.raises(TimeoutError) as raised:
+        await task
+    assert reached == []
+    cancelled = raised.value.__cause__
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert isinstance(cancelled.__cause__, RuntimeError)
+    assert task.cancelling() == 0  # asyncio.timeout took its own cancellation back
+
+
+async def test_run_to_completion_waits_for_the_cleanup() -> None:
+    """Uncancelled: the cleanup's result or exception; cancelled: only once it finished."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def cleanup() -> str:
+        started.set()
+        await release.wait()
+        return "finished"
+
+    release.set()
+    assert await run_to_completion(cleanup()) == "finished"
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        await run_to_completion(failing_cleanup(asyncio.Event(), release))
+
+    started.clear()
+    release.clear()
+    task = asyncio.create_task(run_to_completion(cleanup()))
+    await started.wait()
+    task.cancel()
+    await next_iteration()
+    await next_iteration()
+    assert not task.done()  # held back while the cleanup still runs
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_run_to_completion_gives_up_after_the_grace_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_cancellation, "CLEANUP_GRACE", 0.0)
+    started = asyncio.Event()
+    outcome: list[str] = []
+
+    async def cleanup() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # never finishes by itself
+        except asyncio.CancelledError:
+            outcome.append("cleanup cancelled")
+            raise
+
+    task = asyncio.create_task(run_to_completion(cleanup()))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
