@@ -187,7 +187,8 @@ class _SQLiteProfile:
             raise SQLiteWriteLockTimeout(
                 f"Waited {self.timeout:g}s for the write lock of the SQLite {self.label}; "
                 f"task {holder!r} has held it for {self._held_for(slot)}. Keep transactions "
-                f"short (don't await other work inside them) or raise the engine's "
+                f"short (don't await other work inside them; a task awaiting children that use "
+                f"the database must end its transaction first) or raise the engine's "
                 f"connect_args={{'timeout': seconds}}."
             ) from None
 
