@@ -164,7 +164,7 @@ class EngineHooks:
                 return
             if not rollback_on_return or reset_state.transaction_was_reset:
                 return
-            if not _transaction_open(record.driver_connection):
+            if not _transaction_open(dbapi_connection, record.driver_connection):
                 return  # SQLAlchemy's reset would still cost a trip to aiosqlite's thread
             try:
                 dialect.do_rollback(dbapi_connection)
@@ -194,8 +194,11 @@ def request_again(cancellations: list[asyncio.CancelledError]) -> None:
         task.cancel(message)
 
 
-def _transaction_open(driver: Any) -> bool:
+def _transaction_open(dbapi_connection: Any, driver: Any) -> bool:
     """Whether the driver says a transaction is open; both drivers know it without IO."""
+    may_be = getattr(dbapi_connection, "may_be_in_transaction", None)
+    if may_be is not None:  # asyncorm's aiosqlite adapter: counts calls still queued
+        return bool(may_be)
     if driver is None:
         return True
     if hasattr(driver, "is_in_transaction"):  # asyncpg

@@ -9,7 +9,10 @@ This profile follows SQLAlchemy's documented recipe for pysqlite transactions (t
 own transaction handling off, ``BEGIN`` emitted from the ``begin`` event), with two changes:
 
 * every transaction starts with ``BEGIN IMMEDIATE``, so it holds SQLite's write lock from its
-  first read and no later write can fail or see a stale read;
+  first read and no later write can fail or see a stale read. The ``begin`` event only queues
+  it: it travels with the transaction's first statement, in the same trip to aiosqlite's
+  thread (see :mod:`asyncorm._aiosqlite`), and a transaction that sends nothing sends no
+  BEGIN, COMMIT or ROLLBACK either;
 * the engine's transactions take turns on an :class:`asyncio.Lock` before they send BEGIN, so
   a waiting transaction awaits in the event loop instead of spinning in SQLite's busy
   handler. The lock is held from BEGIN until the connection returns to the pool, which a
@@ -36,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.util import await_
 
+from ._aiosqlite import OneTripConnection, OneTripDBAPI
 from ._errors import ConfigurationError, SQLiteWriteLockError, SQLiteWriteLockTimeout
 
 __all__ = ["prepare"]
@@ -64,6 +68,8 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
     # the driver's own implicit BEGIN handling off: the profile emits BEGIN itself
     connect_args.setdefault("isolation_level", None)
     kwargs["connect_args"] = connect_args
+    # SQLAlchemy's aiosqlite adapter, one trip to the driver's thread per statement
+    kwargs.setdefault("module", OneTripDBAPI())
 
     keeper: sqlite3.Connection | None = None
     if _is_memory(url):
@@ -132,17 +138,20 @@ class _SQLiteProfile:
             cursor.close()
 
     def _on_begin(self, conn: Connection) -> None:
-        if self.autocommit or conn.get_execution_options().get("isolation_level") == (
-            "AUTOCOMMIT"
-        ):
+        if self.autocommit or conn.get_execution_options().get("isolation_level") == ("AUTOCOMMIT"):
             return
         record = conn.connection.record_info
         slot = self._slot()
         acquired = slot.holder is not record
         if acquired:
             self._acquire(slot, record)
+        adapter = conn.connection.dbapi_connection
+        if isinstance(adapter, OneTripConnection):
+            # sent with the transaction's first statement, in the same trip to the thread
+            adapter.queue_begin("BEGIN IMMEDIATE")
+            return
         try:
-            # one call to the driver's thread; through a DBAPI cursor it would take four
+            # a user-given DBAPI module: one call to the driver's thread of its own
             driver: Any = conn.connection.driver_connection
             await_(driver.execute("BEGIN IMMEDIATE"))
         except BaseException as exc:
@@ -155,6 +164,8 @@ class _SQLiteProfile:
             raise
 
     def _on_return(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+        if isinstance(dbapi_connection, OneTripConnection):
+            dbapi_connection.discard_queued_begin()
         record = connection_record.record_info
         for slot in list(self._slots.values()):
             if slot.holder is record:
