@@ -190,9 +190,10 @@ class Bench:
     engines: dict[str, AsyncEngine]
     factories: dict[str, SessionFactory]
     sync_engine: sqlalchemy.Engine
-    sync_file_engine: sqlalchemy.Engine | None = None
-    """SQLite only: a sync engine (pysqlite) on the raw driver's file, the reference the
-    sync Session gives in W1/W2 (there is no sync PostgreSQL driver in the extras)."""
+    sync_reference: sqlalchemy.Engine | None = None
+    """A stock sync engine on the raw driver's rows: pysqlite on its SQLite file, psycopg on
+    PostgreSQL (when installed). The sync Session on it is W1/W2's reference for what any
+    async layer over SQLAlchemy's ORM can reach."""
     cleanup: list[Callable[[], Any]] = field(default_factory=list)
 
     def factory(self, contender: str) -> SessionFactory:
@@ -234,8 +235,8 @@ class Bench:
         for engine in self.engines.values():
             await engine.dispose()
         self.sync_engine.dispose()
-        if self.sync_file_engine is not None:
-            self.sync_file_engine.dispose()
+        if self.sync_reference is not None:
+            self.sync_reference.dispose()
         for fn in reversed(self.cleanup):
             result = fn()
             if asyncio.iscoroutine(result):
@@ -309,6 +310,19 @@ def _sync_file_engine(path: Path) -> sqlalchemy.Engine:
     return engine
 
 
+def _sync_postgres_engine(postgres_url: str) -> sqlalchemy.Engine | None:
+    """A stock sync engine through psycopg (the ``bench`` extra), or None without it."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return None
+    url = make_url(postgres_url).set(drivername="postgresql+psycopg")
+    engine = sqlalchemy.create_engine(url, pool_size=POOL_SIZE, max_overflow=0)
+    with engine.connect():
+        pass
+    return engine
+
+
 def _sync_engine(sizes: Sizes) -> sqlalchemy.Engine:
     engine = sqlalchemy.create_engine("sqlite://")
     Base.metadata.create_all(engine)
@@ -326,7 +340,7 @@ async def open_bench(backend: str, sizes: Sizes, *, postgres_url: str, workdir: 
     engine_args: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": 0}
     cleanup: list[Callable[[], Any]] = []
     opened: list[Callable[[], Awaitable[None]]] = []
-    sync_file_engine: sqlalchemy.Engine | None = None
+    sync_reference: sqlalchemy.Engine | None = None
     try:
         if backend == SQLITE:
             paths = {c: workdir / f"{c}.db" for c in (RAW, SQLALCHEMY, ASYNCORM)}
@@ -337,7 +351,7 @@ async def open_bench(backend: str, sizes: Sizes, *, postgres_url: str, workdir: 
             sa_url = f"sqlite+aiosqlite:///{paths[SQLALCHEMY]}"
             sa_engine = create_async_engine(sa_url, **engine_args)
             orm_engine = asyncorm.create_engine(f"sqlite:///{paths[ASYNCORM]}", **engine_args)
-            sync_file_engine = _sync_file_engine(paths[RAW])
+            sync_reference = _sync_file_engine(paths[RAW])
         else:
             sa_text = (
                 make_url(postgres_url)
@@ -351,13 +365,14 @@ async def open_bench(backend: str, sizes: Sizes, *, postgres_url: str, workdir: 
             opened.append(raw.close)
             sa_engine = create_async_engine(sa_text, **engine_args)
             orm_engine = asyncorm.create_engine(postgres_url, **engine_args)
+            sync_reference = _sync_postgres_engine(sa_text)
         engines = {SQLALCHEMY: sa_engine, ASYNCORM: orm_engine}
         opened += [sa_engine.dispose, orm_engine.dispose]
         for engine in engines.values():
             await _warm(engine)
     except BaseException:
-        if sync_file_engine is not None:
-            sync_file_engine.dispose()
+        if sync_reference is not None:
+            sync_reference.dispose()
         for close in reversed(opened):
             with contextlib.suppress(Exception):
                 await close()
@@ -373,6 +388,6 @@ async def open_bench(backend: str, sizes: Sizes, *, postgres_url: str, workdir: 
         engines=engines,
         factories=factories,
         sync_engine=_sync_engine(sizes),
-        sync_file_engine=sync_file_engine,
+        sync_reference=sync_reference,
         cleanup=cleanup,
     )

@@ -38,6 +38,7 @@ def test_quick_run_writes_the_table(
         "W1 request read, 20 tasks",
         "W2 read-modify-write, 20 tasks",
         "W3 bulk insert, fastest path",
+        "W3 bulk insert, ORM bulk both",
         "W4 load as ORM objects",
         "W4 load as rows",
         "W5 identity-map get()",
@@ -45,6 +46,10 @@ def test_quick_run_writes_the_table(
         assert f"| {case} |" in results
     assert "failed" not in results
     assert "| SQLAlchemy |" in results  # the machine section names the versions
+    # W1 with one task has the sync Session reference (pysqlite / psycopg) on both backends
+    w1 = next(line for line in results.splitlines() if line.startswith("| W1 request read, 1"))
+    sync_cell = w1.split("|")[6].strip()
+    assert sync_cell != "-" and sync_cell.endswith("x)"), w1
     if backend == "sqlite":
         # W6 is SQLite only; asyncorm's transfers keep the money (a correctness check)
         assert "W6 concurrent transfers, asyncorm: sum 1,000 (expected 1,000), errors 0" in (
