@@ -21,13 +21,14 @@ SQLAlchemy (the compiled statement, ORM expressions expanded, is inspected once 
 statement) with no ``FOR UPDATE``/``FOR SHARE``, no ``INTO``, no clock (``now()``,
 ``CURRENT_TIMESTAMP``), no ``text()`` or literal SQL, no user-defined operator, and no
 function but PostgreSQL's own side-effect-free ones (``count``, ``lower``, ...) called
-unqualified; not streamed through a server-side cursor. The profile leaves a new
-transaction's connection in autocommit until the first statement that is not a plain read: a
-request that only reads costs one round trip instead of three (BEGIN, SELECT, ROLLBACK), and
-the first other statement (a flush, ``FOR UPDATE``, ``text()``, ``exec_driver_sql()``, a
-savepoint) sends BEGIN first, so everything from there on is one atomic transaction, as
-usual. What SQL text cannot show is not seen: a view over a function that writes, or a table
-column name that PostgreSQL resolves as a function call. Transactions under another
+unqualified; not streamed through a server-side cursor. While no transaction block is open,
+the profile runs each plain read with the driver in autocommit (on SQLAlchemy's ``do_execute``
+dialect event): a request that only reads costs one round trip instead of three (BEGIN,
+SELECT, ROLLBACK), and the first other statement (a flush, ``FOR UPDATE``, ``text()``,
+``exec_driver_sql()``, a savepoint) sends BEGIN first, so everything from there on is one
+atomic transaction, as usual. What SQL text cannot show is not seen: a view over a function
+that writes, or a table column name that PostgreSQL resolves as a function call. Transactions
+under another
 isolation level, ``postgresql_readonly`` or ``postgresql_deferrable`` always begin at once.
 ``create_engine(url, defer_begin=False)`` turns it off.
 """
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Compiled, Connection, ExecutionContext
+from sqlalchemy.engine import URL, Compiled, ExecutionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -194,51 +195,42 @@ def _plain_select(statement: object) -> bool:
     return True
 
 
-_DEFERRED = "asyncorm_deferred_begin"
-
-
 class _DeferredBegin:
+    """Run a transaction's leading plain reads with the driver in autocommit.
+
+    On SQLAlchemy's ``do_execute`` dialect event, which sees the cursor, the statement and
+    its execution context. SQLAlchemy's asyncpg adapter sends BEGIN lazily, just before the
+    first statement of a transaction; for a plain read while no transaction block is open,
+    this listener executes the statement itself with the adapter in autocommit for that one
+    statement, so no BEGIN goes first. The first other statement finds no block open and
+    the adapter back in its normal mode: it sends BEGIN, and the transaction is real from
+    there on. No state outlives the statement, and a dialect event (unlike a connection
+    event) adds no work to SQLAlchemy's other executions, commits or rollbacks.
+    """
+
     def install(self, engine: AsyncEngine) -> None:
-        sync_engine = engine.sync_engine
-        event.listen(sync_engine, "begin", self._on_begin)
-        event.listen(sync_engine, "before_cursor_execute", self._before_execute)
-        # no commit/rollback listeners (every connection-level event type costs each new
-        # Connection): the next begin, or the return to the pool, restores the connection
-        event.listen(sync_engine, "checkin", self._on_checkin)
+        event.listen(engine.sync_engine.dialect, "do_execute", self._do_execute)
 
     @staticmethod
-    def _on_begin(conn: Connection) -> None:
-        adapter = conn.connection.dbapi_connection
-        if adapter is None:
-            return
-        if conn.info.pop(_DEFERRED, False):  # a previous transaction that only read
-            adapter.autocommit = False
+    def _do_execute(
+        cursor: Any, statement: str, parameters: Any, context: ExecutionContext
+    ) -> bool:
+        adapter: Any = context.root_connection.connection.dbapi_connection
+        if adapter is None or adapter.autocommit or adapter.readonly or adapter.deferrable:
+            return False
+        if adapter.driver_connection.is_in_transaction():
+            return False  # the transaction is real already
+        if context.execution_options.get("stream_results") or not _is_plain_read(
+            context, statement
+        ):
+            return False
+        conn = context.root_connection
         level = conn.get_execution_options().get("isolation_level")
         if not (_read_committed(level) and _read_committed(conn.default_isolation_level)):
-            return
-        if adapter.readonly or adapter.deferrable or adapter.autocommit:
-            return
-        adapter.autocommit = True  # no BEGIN is sent while the statements are plain reads
-        conn.info[_DEFERRED] = True
-
-    @staticmethod
-    def _before_execute(
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: ExecutionContext | None,
-        executemany: bool,
-    ) -> None:
-        if not conn.info.get(_DEFERRED):
-            return
-        streamed = context is not None and context.execution_options.get("stream_results")
-        if executemany or streamed or not _is_plain_read(context, statement):
-            # from here on the transaction is real: the driver sends BEGIN first
-            conn.info[_DEFERRED] = False
-            conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
-
-    @staticmethod
-    def _on_checkin(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
-        if connection_record.info.pop(_DEFERRED, False) and dbapi_connection is not None:
-            dbapi_connection.autocommit = False
+            return False
+        adapter.autocommit = True  # for this statement only: no BEGIN before it
+        try:
+            cursor.execute(statement, parameters)
+        finally:
+            adapter.autocommit = False
+        return True
