@@ -171,20 +171,25 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
         """Whether a transaction may be open on the thread, including calls still queued."""
         return self._begun or bool(self._connection.in_transaction)
 
+    @property
+    def transaction_started(self) -> bool:
+        """Whether a BEGIN is queued, on its way, or done."""
+        return self._queued_begin is not None or self.may_be_in_transaction
+
     def discard_queued_begin(self) -> None:
         """Forget a BEGIN that was never sent (the connection goes back to the pool)."""
         self._queued_begin = None
 
     def rollback(self) -> None:
-        if self._queued_begin is not None and not self._begun:
-            self._queued_begin = None  # nothing was sent: nothing to roll back
-            return
+        self._queued_begin = None
+        if not self.may_be_in_transaction:
+            return  # no BEGIN was sent: nothing to roll back, and no trip for sqlite3's no-op
         super().rollback()
         self._begun = False
 
     def commit(self) -> None:
-        if self._queued_begin is not None and not self._begun:
-            self._queued_begin = None
+        self._queued_begin = None
+        if not self.may_be_in_transaction:
             return
         super().commit()
         self._begun = False

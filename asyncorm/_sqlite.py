@@ -5,14 +5,17 @@ read-modify-write transaction reads outside its transaction and concurrent ones 
 Emitting plain ``BEGIN`` fixes the reads, but two deferred transactions that both read and
 then write fail with "database is locked" when the second tries to upgrade its lock.
 
-This profile follows SQLAlchemy's documented recipe for pysqlite transactions (the driver's
-own transaction handling off, ``BEGIN`` emitted from the ``begin`` event), with two changes:
+This profile follows the idea of SQLAlchemy's documented recipe for pysqlite transactions
+(the driver's own transaction handling off, BEGIN emitted by SQLAlchemy's side), with three
+changes:
 
 * every transaction starts with ``BEGIN IMMEDIATE``, so it holds SQLite's write lock from its
-  first read and no later write can fail or see a stale read. The ``begin`` event only queues
-  it: it travels with the transaction's first statement, in the same trip to aiosqlite's
-  thread (see :mod:`asyncorm._aiosqlite`), and a transaction that sends nothing sends no
-  BEGIN, COMMIT or ROLLBACK either;
+  first read and no later write can fail or see a stale read;
+* BEGIN is emitted before the transaction's first statement, from the dialect's
+  ``do_execute`` events rather than the connection's ``begin`` event (a connection event
+  makes every execute, commit and rollback of the engine dispatch events), and travels with
+  that statement in the same trip to aiosqlite's thread (see :mod:`asyncorm._aiosqlite`). A
+  transaction that sends no statement sends no BEGIN, COMMIT or ROLLBACK and takes no lock;
 * the engine's transactions take turns on an :class:`asyncio.Lock` before they send BEGIN, so
   a waiting transaction awaits in the event loop instead of spinning in SQLite's busy
   handler. The lock is held from BEGIN until the connection returns to the pool, which a
@@ -33,8 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.util import await_
@@ -123,7 +125,12 @@ class _SQLiteProfile:
     def install(self, engine: AsyncEngine) -> None:
         sync_engine = engine.sync_engine
         event.listen(sync_engine, "connect", self._on_connect)
-        event.listen(sync_engine, "begin", self._on_begin)
+        # dialect events: unlike a connection event such as "begin", they add no work to
+        # SQLAlchemy's executions, commits and rollbacks beyond the call itself
+        dialect = sync_engine.dialect
+        event.listen(dialect, "do_execute", self._on_execute)
+        event.listen(dialect, "do_executemany", self._on_execute)
+        event.listen(dialect, "do_execute_no_params", self._on_execute_no_params)
         event.listen(sync_engine, "checkin", self._on_return)
         event.listen(sync_engine, "detach", self._on_return)
 
@@ -137,30 +144,46 @@ class _SQLiteProfile:
         finally:
             cursor.close()
 
-    def _on_begin(self, conn: Connection) -> None:
-        if self.autocommit or conn.get_execution_options().get("isolation_level") == ("AUTOCOMMIT"):
+    def _on_execute(
+        self, cursor: Any, statement: str, parameters: Any, context: ExecutionContext
+    ) -> bool:
+        self._ensure_transaction(context)
+        return False  # SQLAlchemy executes the statement as usual
+
+    def _on_execute_no_params(
+        self, cursor: Any, statement: str, context: ExecutionContext
+    ) -> bool:
+        self._ensure_transaction(context)
+        return False
+
+    def _ensure_transaction(self, context: ExecutionContext) -> None:
+        """Before a statement: take the write lock and BEGIN IMMEDIATE, unless already done."""
+        conn = context.root_connection
+        adapter = conn.connection.dbapi_connection
+        if isinstance(adapter, OneTripConnection):
+            if adapter.transaction_started:
+                return
+        elif conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+            return
+        if self.autocommit or conn.get_execution_options().get("isolation_level") == (
+            "AUTOCOMMIT"
+        ):
             return
         record = conn.connection.record_info
         slot = self._slot()
         acquired = slot.holder is not record
         if acquired:
             self._acquire(slot, record)
-        adapter = conn.connection.dbapi_connection
         if isinstance(adapter, OneTripConnection):
-            # sent with the transaction's first statement, in the same trip to the thread
+            # sent with this statement, in the same trip to the driver's thread
             adapter.queue_begin("BEGIN IMMEDIATE")
             return
         try:
-            # a user-given DBAPI module: one call to the driver's thread of its own
-            driver: Any = conn.connection.driver_connection
-            await_(driver.execute("BEGIN IMMEDIATE"))
-        except BaseException as exc:
+            # a user-given DBAPI module: a call to the driver's thread of its own
+            await_(conn.connection.driver_connection.execute("BEGIN IMMEDIATE"))  # type: ignore[union-attr]
+        except BaseException:
             if acquired:
                 self._release(slot)
-            if isinstance(exc, sqlite3.Error):
-                raise sa_exc.DBAPIError.instance(
-                    "BEGIN IMMEDIATE", (), exc, sqlite3.Error, dialect=conn.dialect
-                ) from exc
             raise
 
     def _on_return(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:

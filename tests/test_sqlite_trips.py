@@ -107,7 +107,7 @@ async def test_a_transaction_that_sends_nothing_costs_no_trip_and_frees_the_lock
     async with sqlite_engine.begin():
         pass
     async with asyncorm.async_sessionmaker(sqlite_engine)() as session:
-        await session.connection()  # a transaction, and the write lock, but no statement
+        await session.connection()  # a transaction but no statement: no lock, no trip
         await session.rollback()
     assert trips.count == 0
     async with sqlite_engine.begin() as conn:  # the lock was released: no wait, no error
