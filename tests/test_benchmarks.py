@@ -41,6 +41,7 @@ def test_quick_run_writes_the_table(
         "W3 bulk insert, ORM bulk both",
         "W4 load as ORM objects",
         "W4 load as rows",
+        "W4 load as rows, Core on the session",
         "W5 identity-map get()",
     ):
         assert f"| {case} |" in results
