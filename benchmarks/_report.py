@@ -130,6 +130,13 @@ def _vs_sqlalchemy(results: Sequence[Result]) -> dict[str, float]:
     return out
 
 
+def _within_spread(ours: Result | None, theirs: Result | None) -> bool:
+    """Whether the two contenders' repeats overlap: their difference is this run's noise."""
+    if ours is None or theirs is None or not ours.samples or not theirs.samples:
+        return False
+    return min(ours.samples) <= max(theirs.samples) and min(theirs.samples) <= max(ours.samples)
+
+
 def _counter_note(result: Result) -> str | None:
     """A short description of what a result's checks counted, when it is worth showing."""
     if not result.counters:
@@ -179,7 +186,13 @@ def render_backend(backend: str, results: Sequence[Result]) -> str:
             note = _counter_note(result) if result is not None else None
             if note:
                 notes.append(f"{case.name}, {LABELS.get(contender, contender)}: {note}")
-        row.append(f"{vs_sa[case.name]:.2f}x" if case.name in vs_sa else "-")
+        if case.name in vs_sa:
+            noise = _within_spread(
+                by_key.get((case.name, ASYNCORM)), by_key.get((case.name, SQLALCHEMY))
+            )
+            row.append(f"{vs_sa[case.name]:.2f}x" + (" ~" if noise else ""))
+        else:
+            row.append("-")
         ours = rel.get((case.name, ASYNCORM))
         if case.target is None or ours is None:
             row.append("-")
@@ -242,7 +255,9 @@ def write_results_md(
         "explains the workloads and the figures. Each cell is the median ops/s of",
         f"{repeats} and, in brackets, its ratio to the baseline: the raw",
         "driver (asyncpg / aiosqlite), or for W5 the sync Session. Higher is better.",
-        '"asyncorm / SQLAlchemy" above 1.00x means asyncorm is faster than plain SQLAlchemy.',
+        '"asyncorm / SQLAlchemy" above 1.00x means asyncorm is faster than plain SQLAlchemy;',
+        '"~" after it: the two contenders\' repeats overlap (slowest to fastest), so the',
+        "difference is inside this run's noise.",
         "The geomean row is the geometric mean of the ratios (number of cases in brackets).",
         "The sync Session column of W1/W2 is SQLAlchemy's ORM without asyncio (pysqlite,",
         "psycopg) on the same rows: a reference for what any async layer over it can reach.",

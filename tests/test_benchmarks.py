@@ -14,6 +14,8 @@ from typing import NoReturn
 import pytest
 
 import benchmarks.run
+from benchmarks._core import ASYNCORM, RAW, SQLALCHEMY, Case, Result
+from benchmarks._report import render_backend
 from benchmarks.run import main
 from tests.conftest import postgres_url
 
@@ -95,3 +97,21 @@ def test_python_dash_m_benchmarks_is_the_command() -> None:
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout
     assert "--backend {sqlite,postgresql}" in done.stdout
+
+
+def test_a_difference_inside_the_noise_is_marked() -> None:
+    """The "asyncorm / SQLAlchemy" cell says when the repeats overlap (the run's noise)."""
+    case = Case("W9", "example", "ops", lambda bench, contender: None)
+
+    def cell(ours: list[float], theirs: list[float]) -> str:
+        results = [
+            Result("sqlite", case, RAW, samples=[100.0]),
+            Result("sqlite", case, SQLALCHEMY, samples=theirs),
+            Result("sqlite", case, ASYNCORM, samples=ours),
+        ]
+        row = next(line for line in render_backend("sqlite", results).splitlines() if "W9" in line)
+        return row.split("|")[-3].strip()
+
+    assert cell([9.0, 10.0, 11.0], [10.5, 12.0, 13.0]) == "0.83x ~"  # overlapping repeats
+    assert cell([9.0, 10.0, 10.4], [10.5, 12.0, 13.0]) == "0.83x"  # slower in every repeat
+    assert cell([20.0, 21.0, 22.0], [10.0, 11.0, 12.0]) == "1.91x"
