@@ -169,7 +169,12 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     @property
     def may_be_in_transaction(self) -> bool:
         """Whether a transaction may be open on the thread, including calls still queued."""
-        return self._begun or bool(self._connection.in_transaction)
+        if self._begun:
+            return True
+        try:
+            return bool(self._connection.in_transaction)
+        except ValueError:  # aiosqlite's "no active connection": closed, nothing is open
+            return False
 
     @property
     def transaction_started(self) -> bool:

@@ -183,3 +183,18 @@ async def test_a_cancelled_first_statement_is_rolled_back_before_the_lock_is_rel
         await session.commit()
     async with Session() as session:
         assert await session.scalar(select(Account.balance)) == 7
+
+
+async def test_a_closed_driver_connection_is_rolled_back_without_an_error(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    """After the driver connection is gone (closed underneath), ending the transaction must
+    not fail on the adapter's own bookkeeping; the pool replaces the connection."""
+    async with sqlite_engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await driver.close()
+        with pytest.raises(OperationalError, match="no active connection"):
+            await conn.execute(select(1))
+    async with asyncorm.async_sessionmaker(sqlite_engine)() as session:
+        assert await session.scalar(select(Account.balance)) == 100
