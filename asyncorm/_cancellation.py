@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from sqlalchemy import event
@@ -44,6 +45,7 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn
 __all__ = [
     "CLEANUP_GRACE",
     "EngineHooks",
+    "mark_cleanup_task",
     "request_again",
     "run_to_completion",
     "wait_to_completion",
@@ -61,6 +63,20 @@ _SUSPECT = "asyncorm.cancelled"  # pool record info: a cancellation interrupted 
 _KEEPS_CONNECTION = frozenset({"asyncpg", "aiosqlite"})
 
 
+_IN_CLEANUP_TASK: ContextVar[bool] = ContextVar("asyncorm_in_cleanup_task", default=False)
+
+
+def mark_cleanup_task() -> None:
+    """Declare the current task a cleanup task that its creator already protects.
+
+    Called first thing in a task that exists only to run cleanup and that nobody cancels
+    (its creator awaits it through :func:`asyncio.shield`, or not at all): inside it,
+    :func:`run_to_completion` awaits its coroutine directly instead of in one more task.
+    The mark lives in the task's own context, so it never reaches the task's creator.
+    """
+    _IN_CLEANUP_TASK.set(True)
+
+
 async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
     """Await ``coro`` in a task of its own, and wait for it to finish even if the caller is
     cancelled meanwhile.
@@ -73,6 +89,8 @@ async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
     :data:`CLEANUP_GRACE` seconds after the cancellation, ``coro`` is cancelled, waited for,
     and the cancellation raised.
     """
+    if _IN_CLEANUP_TASK.get():
+        return await coro  # already in a protected cleanup task (see mark_cleanup_task)
     loop = asyncio.get_running_loop()
     task = loop.create_task(coro)
     cancelled: asyncio.CancelledError | None = None

@@ -31,6 +31,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
 from sqlalchemy.orm.session import _SessionCloseState
 
+from ._cancellation import mark_cleanup_task
 from ._errors import NoSessionScopeError, ScopeError
 from ._proxy import install_session_proxies
 from ._session import AsyncSession
@@ -329,6 +330,8 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
             raise
 
     async def _close_now(self, session: _AS, tracker: _Tracker) -> None:
+        # this task is the close's protection already: session.close() need not add a task
+        mark_cleanup_task()
         try:
             await session.close()
         finally:

@@ -81,6 +81,28 @@ async def test_leaving_a_scope_rolls_back_uncommitted_work(db: Registry, Session
     assert await user_names(Session) == {"kept"}
 
 
+async def test_leaving_a_scope_closes_its_session_in_one_task(db: Registry) -> None:
+    """The registry's closing task protects the close; the session adds no task of its own."""
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        created.append(getattr(coro, "__qualname__", repr(coro)))
+        if factory is not None:
+            return factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with db.scope():
+        db.add(User(name="ann"))
+        await db.flush()  # IO: the close has a transaction to roll back
+        loop.set_task_factory(counting)
+    loop.set_task_factory(factory)
+    assert created == ["async_scoped_session._close_now"]
+    async with db.scope():
+        assert await db.scalar(select(func.count()).select_from(User)) == 0
+
+
 async def test_leaving_a_scope_rolls_back_when_the_body_raises(
     db: Registry,
     Session: Factory,
