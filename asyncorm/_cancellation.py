@@ -36,7 +36,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.pool.base import PoolResetState
@@ -45,6 +45,7 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn
 __all__ = [
     "CLEANUP_GRACE",
     "EngineHooks",
+    "ending_may_suspend",
     "mark_cleanup_task",
     "request_again",
     "run_to_completion",
@@ -210,6 +211,21 @@ def request_again(cancellations: list[asyncio.CancelledError]) -> None:
     message = cancellations[0].args[0] if cancellations[0].args else None
     for _ in cancellations:
         task.cancel(message)
+
+
+def ending_may_suspend(connection: Connection) -> bool:
+    """Whether ending ``connection``'s transaction and returning it to the pool may await IO.
+
+    Not when it is closed, nor when the driver has no transaction open on it (counting calls
+    still on their way) and no cancellation interrupted it: its rollback, the pool's reset
+    and the checkin then run without a single await.
+    """
+    if connection.closed:
+        return False
+    if connection.invalidated or connection.info.get(_SUSPECT):
+        return True
+    pooled = connection.connection
+    return _transaction_open(pooled.dbapi_connection, pooled.driver_connection)
 
 
 def _transaction_open(dbapi_connection: Any, driver: Any) -> bool:

@@ -19,7 +19,7 @@ import sys
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import Connection, event, inspect
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import ORMExecuteState, QueryableAttribute, RelationshipProperty, Session
 from sqlalchemy.orm.state import InstanceState
@@ -38,12 +38,28 @@ class SyncSession(Session):
     instead of reaching the driver.
     """
 
+    _asyncorm_connections: list[Connection] | None = None
+    """The Connections this session's transactions began with (``after_begin``)."""
+
+    def transaction_connections(self) -> list[Connection]:
+        """The connections the current transaction began with (closed ones included)."""
+        return self._asyncorm_connections or []
+
     if not TYPE_CHECKING:  # keep SQLAlchemy's overloaded signature for type checkers
 
         def execute(self, statement, *args, **kwargs):
             if not in_greenlet():
                 raise _implicit_io_error(self, statement, args, kwargs)
             return super().execute(statement, *args, **kwargs)
+
+
+@event.listens_for(SyncSession, "after_begin")
+def _remember_connection(session: SyncSession, transaction: Any, connection: Connection) -> None:
+    # those of ended transactions are closed: drop them, so a long-lived session keeps none
+    known = [c for c in session._asyncorm_connections or () if not c.closed]
+    if connection not in known:
+        known.append(connection)
+    session._asyncorm_connections = known
 
 
 class _Captured(Exception):

@@ -11,7 +11,7 @@ from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import Mapper, Session
 
-from ._cancellation import run_to_completion
+from ._cancellation import ending_may_suspend, run_to_completion
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
@@ -253,15 +253,25 @@ class AsyncSession(sa_asyncio.AsyncSession):
 
 
 async def _to_completion(session: AsyncSession, cleanup: Coroutine[Any, Any, None]) -> None:
-    """Await a cleanup coroutine; to completion if it may do IO (the session has a transaction).
+    """Await a cleanup coroutine; to completion if it may do IO.
 
-    Without a transaction there is no connection, so the cleanup cannot suspend and needs no
-    task of its own (which costs ~20 microseconds).
+    A cleanup that cannot suspend cannot be interrupted by a cancellation, so it needs no
+    task of its own (which costs ~20-30 microseconds): so it is without a transaction, or when
+    none of the transaction's connections has a transaction open on the server (a
+    PostgreSQL session that only read, its BEGIN deferred) and none is suspect.
     """
-    if session.sync_session.get_transaction() is None:
-        await cleanup
-    else:
+    if _cleanup_may_suspend(session.sync_session):
         await run_to_completion(cleanup)
+    else:
+        await cleanup
+
+
+def _cleanup_may_suspend(sync_session: Session) -> bool:
+    if sync_session.get_transaction() is None:
+        return False
+    if not isinstance(sync_session, SyncSession):
+        return True  # a custom sync_session_class: its connections are not known
+    return any(ending_may_suspend(c) for c in sync_session.transaction_connections())
 
 
 class _Transaction(sa_asyncio.AsyncSessionTransaction):

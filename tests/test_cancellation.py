@@ -707,3 +707,53 @@ async def test_cancellation_storm(backend: Backend, record_property: Any) -> Non
     assert report.cancelled > STORM_TASKS // 2
     # the goal is under 20% of the tasks; measured: none, on both backends, for every seed
     assert report.new_connections < STORM_TASKS * 0.01
+
+
+@contextmanager
+def tasks_created() -> Iterator[list[str]]:
+    """The names of the coroutines of the tasks created while the block runs."""
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        created.append(getattr(coro, "__qualname__", repr(coro)))
+        if factory is not None:
+            return factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counting)
+    try:
+        yield created
+    finally:
+        loop.set_task_factory(factory)
+
+
+async def test_a_close_that_cannot_suspend_runs_inline(
+    backend: Backend, engine: AsyncEngine
+) -> None:
+    """The run-to-completion task is only for a close that may await IO.
+
+    A PostgreSQL session that only read never opened a transaction block (deferred BEGIN):
+    its close awaits nothing and needs no task. On SQLite the read opened a transaction
+    (BEGIN IMMEDIATE), and a flush opens one on both: those closes run in a task.
+    """
+    Session = asyncorm.async_sessionmaker(engine)
+    async with Session.begin() as session:
+        session.add(User(id=1, name="ann"))
+
+    session = Session()
+    assert await session.get(User, 1) is not None
+    with tasks_created() as created:
+        await session.close()
+    assert created == ([] if backend.name == "postgresql" else ["AsyncSession.close"])
+
+    session = Session()
+    session.add(User(id=2, name="bob"))
+    await session.flush()
+    with tasks_created() as created:
+        await session.close()
+    assert created == ["AsyncSession.close"]
+
+    async with Session() as session:  # the flushed row was rolled back on both paths
+        assert await session.scalar(select(func.count()).select_from(User)) == 1
