@@ -47,6 +47,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.sql import Select, operators, visitors
+from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import BinaryExpression, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.util import await_
@@ -145,6 +146,7 @@ _SAFE_CALLS = frozenset(
 # locking reads, SELECT INTO, and the clock: CURRENT_TIMESTAMP is the transaction's start
 _NOT_PLAIN = re.compile(
     r"\bFOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b|\bINTO\b"
+    r"|\b(INSERT|UPDATE|DELETE|MERGE)\b"  # data-modifying CTEs (a quoted name costs a BEGIN)
     r"|\b(CURRENT_TIMESTAMP|CURRENT_TIME|CURRENT_DATE|LOCALTIME|LOCALTIMESTAMP)\b",
     re.I,
 )
@@ -192,6 +194,8 @@ def _plain_select(statement: object) -> bool:
             element.operator, operators.custom_op
         ):
             return False  # a user-defined operator runs a function of its own
+        elif isinstance(element, UpdateBase):
+            return False  # INSERT/UPDATE/DELETE ... RETURNING in a CTE
     return True
 
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, literal_column, select, text
+from sqlalchemy import delete, func, insert, literal_column, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncorm
@@ -207,3 +207,18 @@ async def test_plain_reads_with_safe_functions_send_no_begin(pg_engine: AsyncEng
         await session.execute(select(func.lower(User.name), func.count()).group_by(User.name))
         await session.execute(select(User).where(func.coalesce(User.fullname, "") == ""))
         assert not await in_transaction_block(session)
+
+
+async def test_a_select_from_a_data_modifying_cte_is_a_write(pg_engine: AsyncEngine) -> None:
+    """``WITH u AS (UPDATE ... RETURNING ...) SELECT ... FROM u`` writes: it must begin first,
+    so that rollback() undoes it."""
+    changed = update(User).values(name="changed").returning(User.id).cte("changed")
+    removed = delete(User).where(User.id == 1).returning(User.id).cte("removed")
+    Session = asyncorm.async_sessionmaker(pg_engine)
+    for statement in (select(changed.c.id), select(removed.c.id)):
+        async with Session() as session:
+            assert (await session.execute(statement)).all() == [(1,)]
+            assert await in_transaction_block(session)
+            await session.rollback()
+        async with Session() as session:
+            assert await session.scalar(select(User.name).where(User.id == 1)) == "ann"
