@@ -40,8 +40,8 @@ from sqlalchemy.util import EMPTY_DICT
 
 __all__ = ["OneTripConnection", "OneTripDBAPI"]
 
-_Outcome = tuple[Any, int, int | None, list[Any]]
-"""What one trip brings back: description, rowcount, lastrowid, rows."""
+_Outcome = tuple[Any, int, int | None, list[Any], bool]
+"""What one trip brings back: description, rowcount, lastrowid, rows, in_transaction."""
 
 
 def _run(
@@ -60,7 +60,7 @@ def _run(
             cursor.execute(sql, params)
         description = cursor.description
         rows = cursor.fetchall() if description is not None else []
-        return description, cursor.rowcount, cursor.lastrowid, rows
+        return description, cursor.rowcount, cursor.lastrowid, rows, conn.in_transaction
     finally:
         cursor.close()
 
@@ -117,8 +117,14 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
         async with adapt._execute_mutex:
             begin = adapt.take_queued_begin()
             driver: Any = self._connection
-            outcome: _Outcome = await driver._execute(_run, driver._conn, begin, sql, params, many)
-        self._description, self._rowcount, self._lastrowid, rows = outcome
+            try:
+                outcome: _Outcome = await driver._execute(
+                    _run, driver._conn, begin, sql, params, many
+                )
+            except Exception:
+                adapt.settle()  # the call has finished: the BEGIN, or the statement, failed
+                raise
+        self._description, self._rowcount, self._lastrowid, rows, adapt._begun = outcome
         self._rows = collections.deque(rows)
 
 
@@ -164,7 +170,24 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     async def send_queued_begin(self) -> None:
         begin = self.take_queued_begin()
         if begin is not None:
-            await self._connection.execute(begin)
+            driver: Any = self._connection
+            try:
+                await driver._execute(_run, driver._conn, None, begin, None, False)
+            except Exception:
+                self.settle()
+                raise
+
+    def settle(self) -> None:
+        """After a call that finished (not one cancelled on its way): the thread's own state.
+
+        A BEGIN that failed ("database is locked" from another process), or a statement
+        that made SQLite roll back by itself, leaves no transaction: the next statement must
+        begin again.
+        """
+        try:
+            self._begun = bool(self._connection.in_transaction)
+        except ValueError:  # closed
+            self._begun = False
 
     @property
     def may_be_in_transaction(self) -> bool:
@@ -189,14 +212,22 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
         self._queued_begin = None
         if not self.may_be_in_transaction:
             return  # no BEGIN was sent: nothing to roll back, and no trip for sqlite3's no-op
-        super().rollback()
-        self._begun = False
+        self._end(super().rollback)
 
     def commit(self) -> None:
         self._queued_begin = None
         if not self.may_be_in_transaction:
             return
-        super().commit()
+        self._end(super().commit)
+
+    def _end(self, call: Any) -> None:
+        try:
+            call()
+        except Exception:
+            self.settle()  # a failed COMMIT (a deferred constraint) leaves it open
+            raise
+        # a cancellation leaves _begun set: the COMMIT/ROLLBACK still runs on the thread,
+        # and the pool's reset rolls back (queued behind it) before the next checkout
         self._begun = False
 
 

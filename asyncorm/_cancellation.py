@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from sqlalchemy.pool.base import PoolResetState
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
@@ -181,8 +181,10 @@ class EngineHooks:
                 if not wait_to_completion(_asyncpg_is_clean, dbapi_connection):
                     record.invalidate()
                 return
-            if not rollback_on_return or reset_state.transaction_was_reset:
+            if not rollback_on_return:
                 return
+            # even when SQLAlchemy says it reset the transaction: after a failed or cancelled
+            # COMMIT it did not, and SQLite would keep the transaction (and its lock) open
             if not _transaction_open(dbapi_connection, record.driver_connection):
                 return  # SQLAlchemy's reset would still cost a trip to aiosqlite's thread
             try:
@@ -217,15 +219,22 @@ def ending_may_suspend(connection: Connection) -> bool:
     """Whether ending ``connection``'s transaction and returning it to the pool may await IO.
 
     Not when it is closed, nor when the driver has no transaction open on it (counting calls
-    still on their way) and no cancellation interrupted it: its rollback, the pool's reset
-    and the checkin then run without a single await.
+    still on their way), no cancellation interrupted it, it has no isolation level to reset
+    and its queue pool will keep it: its rollback, the pool's reset and the checkin then run
+    without a single await.
     """
     if connection.closed:
         return False
     if connection.invalidated or connection.info.get(_SUSPECT):
         return True
+    if "isolation_level" in connection.get_execution_options():
+        return True  # the pool resets it at checkin: a trip to aiosqlite's thread
     pooled = connection.connection
-    return _transaction_open(pooled.dbapi_connection, pooled.driver_connection)
+    if _transaction_open(pooled.dbapi_connection, pooled.driver_connection):
+        return True
+    # the pool keeps it rather than closing it (NullPool, an overflow connection)
+    pool = connection.engine.pool
+    return not (isinstance(pool, QueuePool) and pool.checkedin() < pool.size())
 
 
 def _transaction_open(dbapi_connection: Any, driver: Any) -> bool:

@@ -257,8 +257,9 @@ async def _to_completion(session: AsyncSession, cleanup: Coroutine[Any, Any, Non
 
     A cleanup that cannot suspend cannot be interrupted by a cancellation, so it needs no
     task of its own (which costs ~20-30 microseconds): so it is without a transaction, or when
-    none of the transaction's connections has a transaction open on the server (a
-    PostgreSQL session that only read, its BEGIN deferred) and none is suspect.
+    the transaction's one connection has no transaction open on the server (a PostgreSQL
+    session that only read, its BEGIN deferred) and its return to the pool does no IO (see
+    ``ending_may_suspend``).
     """
     if _cleanup_may_suspend(session.sync_session):
         await run_to_completion(cleanup)
@@ -271,7 +272,10 @@ def _cleanup_may_suspend(sync_session: Session) -> bool:
         return False
     if not isinstance(sync_session, SyncSession):
         return True  # a custom sync_session_class: its connections are not known
-    return any(ending_may_suspend(c) for c in sync_session.transaction_connections())
+    open_connections = [c for c in sync_session.transaction_connections() if not c.closed]
+    if len(open_connections) > 1:
+        return True  # returning one can make the pool close the next: not worth judging
+    return any(ending_may_suspend(c) for c in open_connections)
 
 
 class _Transaction(sa_asyncio.AsyncSessionTransaction):

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import NullPool
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 import asyncorm
@@ -757,3 +758,35 @@ async def test_a_close_that_cannot_suspend_runs_inline(
 
     async with Session() as session:  # the flushed row was rolled back on both paths
         assert await session.scalar(select(func.count()).select_from(User)) == 1
+
+
+@pytest.mark.parametrize("case", ["null-pool", "overflow", "isolation-level"])
+async def test_a_close_whose_checkin_does_io_runs_in_a_task(backend: Backend, case: str) -> None:
+    """Returning the connection may await even with no transaction open: NullPool and an
+    overflow connection are closed (asyncpg's close), and an isolation level set for the
+    session is reset (a trip to aiosqlite's thread). Those closes keep their task."""
+    options: dict[str, Any] = {"poolclass": NullPool} if case == "null-pool" else {}
+    if case == "overflow":
+        options = {"pool_size": 1, "max_overflow": 1}
+    engine = asyncorm.create_engine(backend.url, **options)
+    try:
+        await reset_schema(engine)
+        bind = engine
+        if case == "isolation-level":
+            level = "SERIALIZABLE" if backend.is_sqlite else "READ COMMITTED"
+            bind = engine.execution_options(isolation_level=level)
+        Session = asyncorm.async_sessionmaker(bind)
+        holder = Session()
+        if case == "overflow":  # the pool's one connection, checked out first
+            await holder.connection()
+        session = Session()
+        if backend.is_sqlite:
+            await session.connection()  # on SQLite a read would open a transaction
+        else:
+            await session.scalar(select(func.count()).select_from(User))
+        await holder.close()  # overflow: the pool is full again, the next return is closed
+        with tasks_created() as created:
+            await session.close()
+        assert created == ["AsyncSession.close"]
+    finally:
+        await engine.dispose()

@@ -9,13 +9,14 @@ the thread passes (instrumentation on the real driver: the statements still run)
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 import pytest
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
@@ -198,3 +199,99 @@ async def test_a_closed_driver_connection_is_rolled_back_without_an_error(
             await conn.execute(select(1))
     async with asyncorm.async_sessionmaker(sqlite_engine)() as session:
         assert await session.scalar(select(Account.balance)) == 100
+
+
+async def test_a_begin_that_failed_is_sent_again_by_the_next_statement(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE rides on the first statement; when it fails ("database is locked" by
+    another process), the retry in the same session must begin again, not autocommit."""
+    path = tmp_path / "locked.db"
+    engine = asyncorm.create_engine(f"sqlite:///{path}", pool_size=1, connect_args={"timeout": 0.1})
+    try:
+        await reset_schema(engine)
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process is writing
+            async with asyncorm.async_sessionmaker(engine)() as session:
+                with pytest.raises(OperationalError, match="database is locked"):
+                    await session.execute(insert(users).values(id=1, name="first try"))
+                other.execute("COMMIT")
+                await session.execute(insert(users).values(id=2, name="retry"))
+                await session.rollback()
+            assert other.execute("SELECT count(*) FROM users").fetchone() == (0,)
+        finally:
+            other.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_commit_that_failed_leaves_nothing_open_for_the_next_checkout(
+    tmp_path: Path,
+) -> None:
+    """SQLite keeps the transaction open when COMMIT fails (a deferred foreign key); the
+    connection must go back to the pool rolled back, its file lock released."""
+    path = tmp_path / "deferred.db"
+    engine = asyncorm.create_engine(f"sqlite:///{path}", pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("CREATE TABLE p (id INTEGER PRIMARY KEY)")
+            await conn.exec_driver_sql(
+                "CREATE TABLE ch (id INTEGER PRIMARY KEY, "
+                "pid INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        Session = asyncorm.async_sessionmaker(engine)
+        async with Session() as session:
+            await session.execute(text("INSERT INTO ch VALUES (1, 99)"))
+            with pytest.raises(IntegrityError, match="FOREIGN KEY constraint failed"):
+                await session.commit()
+        async with Session() as session:  # the same pooled connection
+            raw = await (await session.connection()).get_raw_connection()
+            assert not cast(Any, raw.driver_connection).in_transaction
+            await session.execute(text("INSERT INTO p VALUES (5)"))
+            await session.rollback()
+        other = sqlite3.connect(path, timeout=0.1)
+        try:
+            assert other.execute("SELECT count(*) FROM p").fetchone() == (0,)
+            assert other.execute("SELECT count(*) FROM ch").fetchone() == (0,)
+            other.execute("INSERT INTO p VALUES (7)")  # no lock left behind
+            other.commit()
+        finally:
+            other.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancelled_commit_does_not_leave_the_next_checkout_without_a_transaction(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    Session = asyncorm.async_sessionmaker(sqlite_engine)
+    loop = asyncio.get_running_loop()
+    victim: list[asyncio.Task[Any]] = []
+
+    def cancel_at_commit(conn: Any) -> None:  # times the cancellation into COMMIT's trip
+        if victim:
+            loop.call_soon(victim.pop().cancel)
+
+    async def writer() -> None:
+        async with Session() as session:
+            session.add(User(id=2, name="bo"))
+            await session.flush()
+            current = asyncio.current_task()
+            assert current is not None
+            victim.append(current)
+            await session.commit()
+
+    event.listen(sqlite_engine.sync_engine, "commit", cancel_at_commit)
+    try:
+        task = asyncio.create_task(writer())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        event.remove(sqlite_engine.sync_engine, "commit", cancel_at_commit)
+    async with Session() as session:  # the same pooled connection
+        session.add(User(id=3, name="cy"))
+        await session.flush()
+        await session.rollback()
+    async with Session() as session:
+        # the cancelled COMMIT still ran on the thread; the next session's work rolled back
+        names = (await session.scalars(select(User.name).order_by(User.id))).all()
+        assert names == ["ann", "bo"]
