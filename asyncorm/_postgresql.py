@@ -18,7 +18,8 @@ Deferred BEGIN. Under READ COMMITTED, PostgreSQL's default, every statement sees
 snapshot whether or not it runs inside a transaction block, so a plain read returns exactly
 the same rows with or without a ``BEGIN`` before it. A plain read is a ``SELECT`` built with
 SQLAlchemy (the compiled statement, ORM expressions expanded, is inspected once per cached
-statement) with no ``FOR UPDATE``/``FOR SHARE``, no ``INTO``, no clock (``now()``,
+statement) with no ``FOR UPDATE``/``FOR SHARE``, no ``INTO``, no data-modifying CTE
+(``INSERT``/``UPDATE``/``DELETE``/``MERGE`` anywhere in it), no clock (``now()``,
 ``CURRENT_TIMESTAMP``), no ``text()`` or literal SQL, no user-defined operator, and no
 function but PostgreSQL's own side-effect-free ones (``count``, ``lower``, ...) called
 unqualified; not streamed through a server-side cursor. While no transaction block is open,
