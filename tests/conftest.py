@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -109,3 +110,23 @@ async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
 def Session(engine: AsyncEngine) -> asyncorm.async_sessionmaker[asyncorm.AsyncSession]:
     """asyncorm's session factory bound to ``engine``."""
     return asyncorm.async_sessionmaker(engine)
+
+
+@contextmanager
+def tasks_created() -> Iterator[list[str]]:
+    """The names of the coroutines of the tasks created while the block runs."""
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        created.append(getattr(coro, "__qualname__", repr(coro)))
+        if factory is not None:
+            return factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counting)
+    try:
+        yield created
+    finally:
+        loop.set_task_factory(factory)

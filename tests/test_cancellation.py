@@ -29,7 +29,7 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn
 import asyncorm
 from asyncorm import _cancellation
 from asyncorm._cancellation import run_to_completion, wait_to_completion
-from tests.conftest import Backend, reset_schema
+from tests.conftest import Backend, reset_schema, tasks_created
 from tests.models import User
 
 SessionFactory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
@@ -708,26 +708,6 @@ async def test_cancellation_storm(backend: Backend, record_property: Any) -> Non
     assert report.cancelled > STORM_TASKS // 2
     # the goal is under 20% of the tasks; measured: none, on both backends, for every seed
     assert report.new_connections < STORM_TASKS * 0.01
-
-
-@contextmanager
-def tasks_created() -> Iterator[list[str]]:
-    """The names of the coroutines of the tasks created while the block runs."""
-    loop = asyncio.get_running_loop()
-    created: list[str] = []
-    factory = loop.get_task_factory()
-
-    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-        created.append(getattr(coro, "__qualname__", repr(coro)))
-        if factory is not None:
-            return factory(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
-
-    loop.set_task_factory(counting)
-    try:
-        yield created
-    finally:
-        loop.set_task_factory(factory)
 
 
 async def test_a_close_that_cannot_suspend_runs_inline(

@@ -12,7 +12,7 @@ import inspect
 import re
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
 from typing import Any, assert_type
 
 import anyio
@@ -30,6 +30,7 @@ from asyncorm import (
     ScopeError,
     async_scoped_session,
 )
+from tests.conftest import tasks_created
 from tests.models import User
 
 Registry = async_scoped_session[AsyncSession]
@@ -83,21 +84,11 @@ async def test_leaving_a_scope_rolls_back_uncommitted_work(db: Registry, Session
 
 async def test_leaving_a_scope_closes_its_session_in_one_task(db: Registry) -> None:
     """The registry's closing task protects the close; the session adds no task of its own."""
-    loop = asyncio.get_running_loop()
-    created: list[str] = []
-    factory = loop.get_task_factory()
-
-    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-        created.append(getattr(coro, "__qualname__", repr(coro)))
-        if factory is not None:
-            return factory(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
-
-    async with db.scope():
-        db.add(User(name="ann"))
-        await db.flush()  # IO: the close has a transaction to roll back
-        loop.set_task_factory(counting)
-    loop.set_task_factory(factory)
+    with ExitStack() as counting:
+        async with db.scope():
+            db.add(User(name="ann"))
+            await db.flush()  # IO: the close has a transaction to roll back
+            created = counting.enter_context(tasks_created())  # counts through the exit
     assert created == ["async_scoped_session._close_now"]
     async with db.scope():
         assert await db.scalar(select(func.count()).select_from(User)) == 0
