@@ -330,7 +330,7 @@ def write_chart(path: Path, results: Sequence[Result]) -> str | None:
         ax.set_yticklabels([case.name for case in cases])
         ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.set_xlabel("ops/s as a ratio to the raw driver (W5: the sync Session; W7: SQLAlchemy)")
+        ax.set_xlabel("ratio to the raw driver (W5: sync Session, W7: SQLAlchemy)")
         ax.set_title(BACKEND_TITLES[backend])
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize="small")
         ax.grid(axis="x", which="both", alpha=0.3)
