@@ -295,3 +295,18 @@ async def test_a_cancelled_commit_does_not_leave_the_next_checkout_without_a_tra
         # the cancelled COMMIT still ran on the thread; the next session's work rolled back
         names = (await session.scalars(select(User.name).order_by(User.id))).all()
         assert names == ["ann", "bo"]
+
+
+async def test_a_transaction_sqlite_rolled_back_by_itself_is_begun_again(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    """``INSERT OR ROLLBACK`` on a conflict makes SQLite end the transaction itself; the
+    session's next statement must start a new one, not autocommit."""
+    async with asyncorm.async_sessionmaker(sqlite_engine)() as session:
+        await session.execute(text("INSERT INTO users (id, name) VALUES (2, 'bo')"))
+        with pytest.raises(IntegrityError, match="UNIQUE constraint failed"):
+            await session.execute(text("INSERT OR ROLLBACK INTO users (id, name) VALUES (1, 'x')"))
+        await session.execute(text("INSERT INTO users (id, name) VALUES (3, 'cy')"))
+        await session.rollback()
+    async with asyncorm.async_sessionmaker(sqlite_engine)() as session:
+        assert (await session.scalars(select(User.name).order_by(User.id))).all() == ["ann"]
