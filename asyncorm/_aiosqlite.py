@@ -115,16 +115,8 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
         adapt = self._adapt_connection
         assert isinstance(adapt, OneTripConnection)
         async with adapt._execute_mutex:
-            begin = adapt.take_queued_begin()
-            driver: Any = self._connection
-            try:
-                outcome: _Outcome = await driver._execute(
-                    _run, driver._conn, begin, sql, params, many
-                )
-            except Exception:
-                adapt.settle()  # the call has finished: the BEGIN, or the statement, failed
-                raise
-        self._description, self._rowcount, self._lastrowid, rows, adapt._begun = outcome
+            outcome = await adapt.call(adapt.take_queued_begin(), sql, params, many)
+        self._description, self._rowcount, self._lastrowid, rows, _ = outcome
         self._rows = collections.deque(rows)
 
 
@@ -170,12 +162,18 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     async def send_queued_begin(self) -> None:
         begin = self.take_queued_begin()
         if begin is not None:
-            driver: Any = self._connection
-            try:
-                await driver._execute(_run, driver._conn, None, begin, None, False)
-            except Exception:
-                self.settle()
-                raise
+            await self.call(None, begin, None, False)
+
+    async def call(self, begin: str | None, sql: str, params: Any, many: bool) -> _Outcome:
+        """One trip to the thread: ``begin`` (if any), then ``sql``; track the transaction."""
+        driver: Any = self._connection
+        try:
+            outcome: _Outcome = await driver._execute(_run, driver._conn, begin, sql, params, many)
+        except Exception:
+            self.settle()  # the call has finished: the BEGIN, or the statement, failed
+            raise
+        self._begun = outcome[4]
+        return outcome
 
     def settle(self) -> None:
         """After a call that finished (not one cancelled on its way): the thread's own state.

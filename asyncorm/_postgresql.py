@@ -147,7 +147,6 @@ _SAFE_CALLS = frozenset(
 # locking reads, SELECT INTO, and the clock: CURRENT_TIMESTAMP is the transaction's start
 _NOT_PLAIN = re.compile(
     r"\bFOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b|\bINTO\b"
-    r"|\b(INSERT|UPDATE|DELETE|MERGE)\b"  # data-modifying CTEs (a quoted name costs a BEGIN)
     r"|\b(CURRENT_TIMESTAMP|CURRENT_TIME|CURRENT_DATE|LOCALTIME|LOCALTIMESTAMP)\b",
     re.I,
 )
