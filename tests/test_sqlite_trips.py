@@ -17,11 +17,13 @@ from typing import Any, cast
 import aiosqlite
 import pytest
 from sqlalchemy import event, func, insert, select, text, update
+from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
 
 import asyncorm
+from asyncorm._aiosqlite import OneTripConnection
 from tests.conftest import reset_schema
 from tests.models import Account, Base, User
 
@@ -310,3 +312,26 @@ async def test_a_transaction_sqlite_rolled_back_by_itself_is_begun_again(
         await session.rollback()
     async with asyncorm.async_sessionmaker(sqlite_engine)() as session:
         assert (await session.scalars(select(User.name).order_by(User.id))).all() == ["ann"]
+
+
+async def test_a_dbapi_module_of_ones_own_still_gets_real_transactions(tmp_path: Path) -> None:
+    """``create_engine(url, module=...)`` replaces the one-trip adapter; the profile then
+    sends BEGIN IMMEDIATE on a trip of its own, before the first statement."""
+    engine = asyncorm.create_engine(
+        f"sqlite:///{tmp_path / 'own.db'}", module=AsyncAdapt_aiosqlite_dbapi(aiosqlite, sqlite3)
+    )
+    try:
+        await reset_schema(engine)
+        Session = asyncorm.async_sessionmaker(engine)
+        async with Session() as session:
+            assert await session.scalar(select(func.count()).select_from(User)) == 0
+            raw = await (await session.connection()).get_raw_connection()
+            assert not isinstance(raw.dbapi_connection, OneTripConnection)
+            assert cast(Any, raw.driver_connection).in_transaction  # the read began
+            session.add(User(id=1, name="ann"))
+            await session.flush()
+            await session.rollback()
+        async with Session() as session:
+            assert await session.scalar(select(func.count()).select_from(User)) == 0
+    finally:
+        await engine.dispose()
