@@ -132,7 +132,7 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     # without discarding the connection (see _cancellation)
     hooks = _cancellation.EngineHooks(engine_kwargs)
     engine = _create_async_engine(parsed, engine_kwargs)
-    _loops.install(engine)  # first: no other checkout listener may touch a foreign loop
+    _loops.install(engine, shown)  # first: no other checkout listener may touch a foreign loop
     install(engine)
     hooks.install(engine)
     return engine

@@ -106,9 +106,10 @@ class ScopeError(AsyncORMError, RuntimeError):
 
 
 class EventLoopMismatchError(AsyncORMError, RuntimeError):
-    """An engine's pooled connection was checked out in another event loop than its own.
+    """An engine's pooled asyncpg connection was checked out in another event loop than its own.
 
-    A driver connection only works in the event loop that opened it. Call
+    An asyncpg connection only works in the event loop that opened it (aiosqlite connections
+    serve any loop and never raise this). Call
     ``await engine.dispose()`` inside the new loop before using the engine there (or dispose
     of it before the first loop ends), or create the engine with ``poolclass=NullPool``.
     """
