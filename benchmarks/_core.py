@@ -79,6 +79,8 @@ class Sizes:
     """W6 concurrent transfers per repeat."""
     accounts: int
     """W6 accounts, each starting with a balance of 100."""
+    think_requests: int
+    """W8 requests per repeat (20 at a time)."""
     repeats: int
     """Timed repeats per contender; the table shows the median."""
     short_repeats: int
@@ -87,11 +89,11 @@ class Sizes:
 
 FULL = Sizes(
     items=20_000, requests=1_000, writes=500, bulk=20_000, hits=20_000,
-    transfers=500, accounts=10, repeats=5, short_repeats=15,
+    transfers=500, accounts=10, think_requests=100, repeats=5, short_repeats=15,
 )  # fmt: skip
 QUICK = Sizes(
     items=200, requests=20, writes=10, bulk=200, hits=200,
-    transfers=20, accounts=10, repeats=1, short_repeats=1,
+    transfers=20, accounts=10, think_requests=20, repeats=1, short_repeats=1,
 )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""The workloads: W1-W6, each a list of :class:`~benchmarks._core.Case`.
+"""The workloads: W1-W8, each a list of :class:`~benchmarks._core.Case`.
 
 A case's ``build(bench, contender)`` returns the contender's :class:`~benchmarks._core.Trial`.
 Everything a trial needs that is not the work being measured (picking ids, resetting tables,
@@ -355,13 +355,19 @@ def _w5() -> Case:
 # -- W6: SQLite concurrent transfers -------------------------------------------------------------
 
 
-def _w6() -> Case:
+def _w6(declared: bool) -> Case:
     """One operation: a transfer transaction between two of ``sizes.accounts`` accounts.
 
     All ``sizes.transfers`` transfers start at once (each in its own task, each with its
     own session): get both accounts, move an amount, commit. Every account starts at 100,
     so the final sum must be ``100 * accounts``; the check reports the sum and the errors
     (plain SQLAlchemy on SQLite reads outside its transaction and may lose updates).
+
+    Two shapes: a plain session committed by hand (``async with Session() as s: ... await
+    s.commit()``), and a declared unit of work (``async with Session.begin() as s:``). On
+    SQLite asyncorm begins the second IMMEDIATE (exact, no error); the first reads a snapshot
+    and a transfer whose snapshot went stale fails with a conflict error (counted, never a
+    lost update).
     """
 
     def build(bench: Bench, contender: str) -> Trial:
@@ -384,6 +390,18 @@ def _w6() -> Case:
                     dst_balance = (await conn.fetch(select_sql, dst))[0][0]
                     await conn.execute(update_sql, src_balance - amount, src)
                     await conn.execute(update_sql, dst_balance + amount, dst)
+
+        elif declared:
+            make_declared = bench.factory(contender)
+
+            async def transfer(src: int, dst: int, amount: int) -> None:
+                async with make_declared.begin() as session:
+                    a = await session.get(Account, src)
+                    b = await session.get(Account, dst)
+                    assert a is not None
+                    assert b is not None
+                    a.balance -= amount
+                    b.balance += amount
 
         else:
             make = bench.factory(contender)
@@ -423,7 +441,53 @@ def _w6() -> Case:
 
         return Trial(run=run, setup=setup, check=check)
 
+    if declared:
+        return Case("W6", "concurrent transfers, Session.begin()", "txns", build,
+                    backends=(SQLITE,))  # fmt: skip
     return Case("W6", "concurrent transfers", "txns", build, backends=(SQLITE,))
+
+
+# -- W8: concurrent requests that read, then await other work -----------------------------------
+
+
+def _w8(think_ms: int) -> Case:
+    """One operation: a request: a new session, ``get()`` of one item, then ``think_ms`` of
+    other awaited work (an API call, a template) with the session still open, then close.
+
+    20 requests run at once. Raw: a pooled connection, the SELECT, the wait, the checkin. On
+    SQLite, sessions that only read must not wait for each other (issue 15): the ratio to
+    plain SQLAlchemy's wall time is the figure.
+    """
+    think = think_ms / 1000
+
+    def build(bench: Bench, contender: str) -> Trial:
+        pks = bench.sample(bench.sizes.think_requests, seed=8)
+        errors = OpErrors()
+        op: Op
+        if contender == RAW:
+            raw = bench.raw
+            sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
+
+            async def op(i: int) -> None:
+                async with raw.connection() as conn:
+                    await conn.fetch(sql, pks[i])
+                    await asyncio.sleep(think)
+
+        else:
+            make = bench.factory(contender)
+
+            async def op(i: int) -> None:
+                async with make() as session:
+                    await session.get(Item, pks[i])
+                    await asyncio.sleep(think)
+
+        async def run() -> int:
+            return await spread(len(pks), 20, op, errors)
+
+        return Trial(run=run, check=_errors_check(errors))
+
+    return Case("W8", f"read then {think_ms} ms of other work, 20 tasks", "requests", build,
+                baseline=SQLALCHEMY)  # fmt: skip
 
 
 # -- W7: registry and middleware overhead (extension point) -------------------------------------
@@ -506,8 +570,12 @@ def all_cases() -> list[Case]:
         _w4(_ROWS),
         _w4(_CORE_ROWS),
         _w5(),
-        _w6(),
+        _w6(declared=False),
+        _w6(declared=True),
         *_w7(),
+        _w8(0),
+        _w8(10),
+        _w8(50),
     ]
 
 

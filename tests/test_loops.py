@@ -11,7 +11,6 @@ import asyncio
 import gc
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,8 @@ def test_asyncpg_in_a_second_loop_gets_the_error_and_dispose_fixes_it(
         with asyncio.Runner() as second:
             for use in (select_one, select_one_in_a_session):
                 with pytest.raises(
-                    asyncorm.EventLoopMismatchError, match=MISMATCH.format(state="is not running now")
+                    asyncorm.EventLoopMismatchError,
+                    match=MISMATCH.format(state="is not running now"),
                 ):
                     second.run(use(engine))
                 assert first.run(select_one(engine)) == 1  # a fresh pooled connection of loop 1
@@ -137,7 +137,7 @@ def test_the_error_is_a_runtime_error() -> None:
 
 
 @pytest.fixture
-def sqlite_app(tmp_path: Path) -> Iterator[tuple[Starlette, AsyncEngine]]:
+def sqlite_app(tmp_path: Path) -> tuple[Starlette, AsyncEngine]:
     engine = asyncorm.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
     Session = asyncorm.async_sessionmaker(engine)
 
@@ -152,9 +152,10 @@ def sqlite_app(tmp_path: Path) -> Iterator[tuple[Starlette, AsyncEngine]]:
         async with Session() as session:
             return JSONResponse({"users": await session.scalar(select(func.count(User.id)))})
 
-    app = Starlette(routes=[Route("/users/{name}", create, methods=["POST"]),
-                            Route("/users", count)])
-    yield app, engine
+    app = Starlette(
+        routes=[Route("/users/{name}", create, methods=["POST"]), Route("/users", count)]
+    )
+    return app, engine
 
 
 async def test_sync_testclient_shares_a_sqlite_engine_with_the_tests_loop(
