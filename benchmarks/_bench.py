@@ -23,7 +23,7 @@ import asyncpg
 import sqlalchemy
 from sqlalchemy import insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -42,7 +42,7 @@ from benchmarks._schema import Account, Base, Item, item_row
 
 __all__ = ["Bench", "RawConnection", "RawDB", "open_bench", "postgres_problem"]
 
-SessionFactory = Callable[[], AsyncSession]
+SessionFactory = sa_async_sessionmaker[Any]
 
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
