@@ -25,7 +25,7 @@ from ._errors import (
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
 )
-from ._query import AsyncQuery
+from ._query import AsyncQuery, AwaitableExists
 from ._registry import async_scoped_session
 from ._session import AsyncSession, async_sessionmaker
 
@@ -36,6 +36,7 @@ __all__ = [
     "AsyncORMError",
     "AsyncQuery",
     "AsyncSession",
+    "AwaitableExists",
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "EventLoopMismatchError",

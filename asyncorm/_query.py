@@ -4,24 +4,39 @@ Builder methods return a new query, as in SQLAlchemy; terminals are awaited. The
 2.0 :func:`~sqlalchemy.select` underneath, executed with :meth:`AsyncSession.execute`; bulk
 ``delete()`` / ``update()`` are 2.0 :func:`~sqlalchemy.delete` / :func:`~sqlalchemy.update`
 statements with the same ``synchronize_session`` strategies as the sync Query.
+
+What the sync Query does without IO, this one does too and returns the same SQLAlchemy
+constructs (``statement``, ``subquery()``, ``cte()``, ``scalar_subquery()``, ``label()``, and
+the query itself wherever a SELECT is expected, e.g. ``User.id.in_(query)``). What the sync
+Query does with IO is awaited: the terminals, slicing (``await query[10:20]``) and ``async
+for``, which streams through a server-side cursor after ``yield_per(n)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
+import builtins
+import operator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Literal, Self, SupportsIndex, TypeVar, overload
 
 from sqlalchemy import delete, func, inspect, select, update
-from sqlalchemy.engine import Result, Row
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import InvalidRequestError, NoResultFound
+from sqlalchemy.orm import aliased, with_parent
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.expression import CTE, Exists, Label, ScalarSelect, Subquery
+from sqlalchemy.sql.selectable import LABEL_STYLE_TABLENAME_PLUS_COL
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import _ImmutableExecuteOptions
     from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm.interfaces import ORMColumnDescription
+    from sqlalchemy.sql.elements import ColumnElement
 
 __all__ = ["AsyncQuery"]
 
 _T = TypeVar("_T")
+_Q = TypeVar("_Q")
 
 SynchronizeSession = Literal["auto", "evaluate", "fetch", False]
 
@@ -35,6 +50,68 @@ def _is_entity(entity: Any) -> bool:
     """True for a mapped class, mapper or aliased class: what legacy Query returns bare."""
     insp = inspect(entity, raiseerr=False)
     return bool(getattr(insp, "is_mapper", False) or getattr(insp, "is_aliased_class", False))
+
+
+_NEGATIVE_INDEX = (
+    "AsyncQuery{item}: negative indexes are not accepted by SQL index / slice operators "
+    "(as in the sync Query); reverse the order_by() and index from the start, or index "
+    "the list from `await query.all()`."
+)
+
+
+class AwaitableExists(Exists):
+    """The ``EXISTS`` construct of :meth:`AsyncQuery.exists`, which can also be awaited.
+
+    Used in another statement, it is SQLAlchemy's :class:`~sqlalchemy.sql.expression.Exists`,
+    as the sync ``Query.exists()`` returns; awaited, it runs ``SELECT EXISTS (...)`` on the
+    query's session and gives a bool.
+
+    Example::
+
+        if await session.query(User).filter_by(name="ann").exists():
+            ...
+        has_address = session.query(Address).filter(Address.user_id == User.id).exists()
+        users = await session.query(User).filter(has_address).all()
+
+    .. versionadded:: 0.1
+    """
+
+    inherit_cache = True
+
+    _asyncorm_session: AsyncSession
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self._run().__await__()
+
+    async def _run(self) -> bool:
+        return bool(await self._asyncorm_session.scalar(select(self)))
+
+    # The coroutine protocol, so that code that took the coroutine this method used to
+    # return keeps working: asyncio.create_task(query.exists()) accepts only coroutines.
+    # It drives one run of the statement; each `await` starts a fresh one.
+
+    def _driven(self) -> Coroutine[Any, Any, bool]:
+        running: Coroutine[Any, Any, bool] | None = self.__dict__.get("_asyncorm_running")
+        if running is None:
+            running = self.__dict__["_asyncorm_running"] = self._run()
+        return running
+
+    def send(self, value: Any) -> Any:
+        """Coroutine protocol: advance the run started by a task driving this construct."""
+        return self._driven().send(value)
+
+    def throw(self, *args: Any) -> Any:
+        """Coroutine protocol: raise an exception inside that run."""
+        return self._driven().throw(*args)
+
+    def close(self) -> None:
+        """Coroutine protocol: close that run, if any."""
+        running = self.__dict__.pop("_asyncorm_running", None)
+        if running is not None:
+            running.close()
+
+
+Coroutine.register(AwaitableExists)
 
 
 class AsyncQuery(Generic[_T]):
@@ -55,7 +132,8 @@ class AsyncQuery(Generic[_T]):
     """
 
     __slots__ = (
-        "_bulk_refused", "_entities", "_for_update", "_load_options", "_session", "_statement"
+        "_bulk_refused", "_entities", "_for_update", "_load_options", "_params", "_session",
+        "_statement", "_tuples",
     )
 
     def __init__(self, session: AsyncSession, entities: Sequence[Any]) -> None:
@@ -71,6 +149,10 @@ class AsyncQuery(Generic[_T]):
         self._for_update: dict[str, Any] | None = None
         # the _BULK_REFUSED builders in effect: delete() / update() refuse to run with them
         self._bulk_refused: frozenset[str] = frozenset()
+        # bound parameter values from params(), passed at execution as the sync Query does
+        self._params: dict[str, Any] = {}
+        # only_return_tuples(): rows even for one entity
+        self._tuples = False
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -82,6 +164,8 @@ class AsyncQuery(Generic[_T]):
         new._load_options = changes.get("load_options", self._load_options)
         new._for_update = changes.get("for_update", self._for_update)
         new._bulk_refused = changes.get("bulk_refused", self._bulk_refused)
+        new._params = changes.get("params", self._params)
+        new._tuples = changes.get("tuples", self._tuples)
         return new
 
     def _tracked(self, statement: Select[Any], builder: str, in_effect: bool) -> Self:
@@ -98,30 +182,105 @@ class AsyncQuery(Generic[_T]):
 
     @property
     def statement(self) -> Select[Any]:
-        """The 2.0 :class:`~sqlalchemy.sql.Select` this query executes."""
+        """The 2.0 :class:`~sqlalchemy.sql.Select` this query executes, with its ``params()``.
+
+        Example::
+
+            rows = await session.execute(session.query(User.id).filter_by(name="ann").statement)
+        """
+        if self._params:
+            return self._statement.params(self._params)
         return self._statement
+
+    @property
+    def selectable(self) -> Select[Any]:
+        """The SELECT used where this query is embedded: :meth:`__clause_element__`.
+
+        Example::
+
+            subquery = session.query(Address.user_id).selectable.subquery()
+        """
+        return self.__clause_element__()
+
+    def __clause_element__(self) -> Select[Any]:
+        """The query as a SELECT, so that it can go where SQLAlchemy expects one.
+
+        As the sync Query, with table-qualified labels; no IO.
+
+        Example::
+
+            with_address = User.id.in_(session.query(Address.user_id))
+            users = await session.query(User).filter(with_address).all()
+        """
+        return self.statement.set_label_style(LABEL_STYLE_TABLENAME_PLUS_COL)
 
     @property
     def is_single_entity(self) -> bool:
         """True when the query returns objects rather than rows."""
+        return not self._tuples and self._one_entity()
+
+    def _one_entity(self) -> bool:
         return len(self._entities) == 1 and _is_entity(self._entities[0])
 
-    @staticmethod
-    def _shape(result: Result[Any]) -> Any:
-        # exactly what the sync Query._iter() does: the ORM marks its results with whether
-        # they hold one entity per row and whether they contain ORM entities to de-duplicate
+    @property
+    def whereclause(self) -> ColumnElement[bool] | None:
+        """The WHERE criteria so far, joined by AND, or None.
+
+        Example::
+
+            print(session.query(User).filter_by(name="ann").whereclause)  # users.name = :name_1
+        """
+        return self._statement.whereclause
+
+    @property
+    def column_descriptions(self) -> list[ORMColumnDescription]:
+        """What each result column is: name, type, expression and entity, as in the sync Query.
+
+        Example::
+
+            [d["name"] for d in session.query(User, User.id).column_descriptions]  # User, id
+        """
+        descriptions: list[ORMColumnDescription] = self._statement.column_descriptions
+        return descriptions
+
+    def get_execution_options(self) -> _ImmutableExecuteOptions:
+        """The execution options that take effect when the query runs.
+
+        Example::
+
+            session.query(User).yield_per(100).get_execution_options()["yield_per"]  # 100
+        """
+        return self._statement.get_execution_options()
+
+    @property
+    def _yield_per(self) -> int | None:
+        yield_per: int | None = self._statement.get_execution_options().get("yield_per")
+        return yield_per
+
+    def _shape(self, result: Any) -> Any:
+        # what the sync Query._iter() does: the ORM marks its results with whether they hold
+        # one entity per row and whether they contain ORM entities to de-duplicate; batches
+        # of yield_per() are not de-duplicated (that would hold every object seen)
         shaped: Any = result
-        if result._attributes.get("is_single_entity", False):
+        if result._attributes.get("is_single_entity", False) and not self._tuples:
             shaped = shaped.scalars()
-        if result._attributes.get("filtered", False):
+        if result._attributes.get("filtered", False) and self._yield_per is None:
             shaped = shaped.unique()
         return shaped
 
-    async def _run(self, statement: Select[Any] | None = None) -> Any:
-        result = await self._session.execute(
-            self._statement if statement is None else statement
-        )
-        return self._shape(result)
+    async def _fetch(self, method: str, statement: Select[Any] | None = None) -> Any:
+        """Run the query and call ``method`` (``all``, ``first``, ...) on its shaped result.
+
+        After ``yield_per()`` the statement wants a server-side cursor, which
+        ``AsyncSession.execute()`` refuses: it runs through ``AsyncSession.stream()``.
+        """
+        statement = self._statement if statement is None else statement
+        params = self._params or None
+        if self._yield_per is None:
+            result = await self._session.execute(statement, params)
+            return getattr(self._shape(result), method)()
+        streamed = await self._session.stream(statement, params)
+        return await getattr(self._shape(streamed), method)()
 
     def _check_bulk_state(self) -> None:
         # as the sync Query: DELETE/UPDATE keep only the WHERE criteria, so refuse what else
@@ -132,8 +291,19 @@ class AsyncQuery(Generic[_T]):
                     f"Can't call Query.update() or Query.delete() when {builder} has been called"
                 )
 
+    def _bulk_options(self, synchronize_session: SynchronizeSession) -> dict[str, Any]:
+        # "evaluate" matches the session's objects against the criteria in Python, where a
+        # bindparam() has no value of params(): it matches nothing and leaves the changed
+        # objects stale (so does the sync Query); "auto" would pick it, so use "fetch"
+        if synchronize_session == "auto" and self._params:
+            synchronize_session = "fetch"
+        return {
+            **self._statement.get_execution_options(),
+            "synchronize_session": synchronize_session,
+        }
+
     def _bulk_entity(self, operation: str) -> Any:
-        if not self.is_single_entity:
+        if not self._one_entity():
             raise InvalidRequestError(
                 f"query().{operation}() works on one mapped entity, e.g. "
                 f"session.query(User).filter(...).{operation}(...); this query selects "
@@ -242,23 +412,281 @@ class AsyncQuery(Generic[_T]):
         """Overwrite objects already in the identity map with the rows loaded."""
         return self.execution_options(populate_existing=True)
 
+    def params(self, values: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Self:
+        """Give values to the query's :func:`~sqlalchemy.bindparam` placeholders.
+
+        As the sync Query: a dict, keywords or both; later calls add to earlier ones. The
+        values are sent with the statement when the query runs, and are part of
+        :attr:`statement`, :meth:`subquery` and the other constructs built from the query.
+
+        Example::
+
+            query = session.query(User).filter(text("id < :value and name = :name"))
+            users = await query.params(value=224, name="fred").all()
+        """
+        merged = {**self._params, **(values or {}), **kwargs}
+        return self._derive(self._statement, params=merged)
+
+    def slice(self, start: int | None, stop: int | None) -> Self:
+        """LIMIT/OFFSET for the rows ``start`` to ``stop`` (excluded), as ``range()``.
+
+        As the sync Query, the bounds count from an offset already set (``offset(5)
+        .slice(2, 4)`` is OFFSET 7 LIMIT 2), and None leaves that side open. A builder:
+        ``await query[start:stop]`` runs it at once.
+
+        Example::
+
+            page = await session.query(User).order_by(User.id).slice(10, 20).all()
+        """
+        # Select.slice() is the sync Query's slice(); it takes None for an open side too
+        statement = self._statement.slice(start, stop)  # type: ignore[arg-type]
+        refused = self._bulk_refused - {"limit()", "offset()"}
+        if statement._limit_clause is not None:
+            refused |= {"limit()"}
+        if statement._offset_clause is not None:
+            refused |= {"offset()"}
+        return self._derive(statement, bulk_refused=refused)
+
+    def yield_per(self, count: int) -> Self:
+        """Load ``count`` rows at a time: ``async for`` then streams instead of buffering.
+
+        As ``yield_per`` in SQLAlchemy: the query runs through a server-side cursor
+        (:meth:`AsyncSession.stream`, as SQLAlchemy's asyncio docs recommend) and ``async
+        for`` builds and yields objects one batch of ``count`` rows at a time, so memory
+        stays flat. Results are not de-duplicated, and joined eager loading of collections
+        is refused (use ``selectinload()``), both as in SQLAlchemy. The terminals
+        (``all()``, ``first()``, ...) also fetch in batches but still return everything.
+
+        Example::
+
+            async for user in session.query(User).order_by(User.id).yield_per(1000):
+                export(user)
+        """
+        if isinstance(count, bool) or operator.index(count) < 1:
+            raise ValueError(
+                f"yield_per() takes the number of rows to load per batch, a positive int; "
+                f"got {count!r}."
+            )
+        return self.execution_options(yield_per=operator.index(count))
+
+    def autoflush(self, setting: bool) -> Self:
+        """Whether the session flushes pending changes before this query runs.
+
+        Example::
+
+            draft = await session.query(User).autoflush(False).filter_by(name="new").all()
+        """
+        return self.execution_options(autoflush=setting)
+
+    def correlate(self, *fromclauses: Any) -> Self:
+        """Correlate these FROM objects with an enclosing query when used as a subquery.
+
+        Example::
+
+            count = (session.query(func.count(Address.id))
+                     .filter(Address.user_id == User.id).correlate(User).scalar_subquery())
+        """
+        return self._derive(self._statement.correlate(*fromclauses))
+
+    def prefix_with(self, *prefixes: Any, dialect: str = "*") -> Self:
+        """Add text after ``SELECT``, e.g. a hint comment.
+
+        Example::
+
+            query = session.query(User).prefix_with("/*+ SeqScan(users) */", dialect="postgresql")
+        """
+        return self._derive(self._statement.prefix_with(*prefixes, dialect=dialect))
+
+    def suffix_with(self, *suffixes: Any, dialect: str = "*") -> Self:
+        """Add text after the whole statement.
+
+        Example::
+
+            query = session.query(User).suffix_with("-- report", dialect="sqlite")
+        """
+        return self._derive(self._statement.suffix_with(*suffixes, dialect=dialect))
+
+    def with_hint(self, selectable: Any, text: str, dialect_name: str = "*") -> Self:
+        """Add an indexing or other hint for ``selectable``, as ``Select.with_hint``.
+
+        Example::
+
+            query = session.query(User).with_hint(User, "WITH (NOLOCK)", "mssql")
+        """
+        return self._derive(self._statement.with_hint(selectable, text, dialect_name))
+
+    def with_statement_hint(self, text: str, dialect_name: str = "*") -> Self:
+        """Add a hint for the whole statement, as ``Select.with_statement_hint``.
+
+        Example::
+
+            query = session.query(User).with_statement_hint("OPTION (MAXDOP 1)", "mssql")
+        """
+        return self._derive(self._statement.with_statement_hint(text, dialect_name))
+
+    def with_parent(self, instance: object, property: Any = None,
+                    from_entity: Any = None) -> Self:
+        """Filter to the objects related to ``instance`` through relationship ``property``.
+
+        As the sync Query: without ``property``, the first relationship of ``instance``'s
+        class that points to this query's entity (or ``from_entity``) is used.
+
+        Example::
+
+            addresses = await session.query(Address).with_parent(ann, User.addresses).all()
+        """
+        entity = self._entities[0] if from_entity is None else from_entity
+        if property is None:
+            target = inspect(entity).mapper
+            found = [r for r in inspect(instance).mapper.relationships if r.mapper is target]
+            if not found:
+                raise InvalidRequestError(
+                    f"with_parent(): {type(instance).__name__} has no relationship to "
+                    f"{target.class_.__name__}; pass the relationship, e.g. "
+                    f"with_parent(obj, {type(instance).__name__}.<relationship>)."
+                )
+            property = found[0]
+        return self.filter(with_parent(instance, property, from_entity))
+
+    def add_entity(self, entity: Any, alias: Any = None) -> AsyncQuery[Any]:
+        """Select one more mapped entity (over ``alias`` when given); results become rows.
+
+        Example::
+
+            rows = await session.query(User).join(User.addresses).add_entity(Address).all()
+        """
+        return self.add_columns(entity if alias is None else aliased(entity, alias))
+
+    def only_return_tuples(self, value: bool) -> AsyncQuery[Any]:
+        """With True, return rows even when the query selects one entity.
+
+        Example::
+
+            rows = await session.query(User).only_return_tuples(True).all()  # [(User,), ...]
+        """
+        return self._derive(self._statement, tuples=value)
+
+    def tuples(self) -> AsyncQuery[tuple[_T]]:
+        """Return rows (typed as tuples) even for one entity: ``only_return_tuples(True)``.
+
+        Example::
+
+            for (user,) in await session.query(User).tuples().all():
+                ...
+        """
+        return self.only_return_tuples(True)
+
+    def with_session(self, session: AsyncSession) -> Self:
+        """The same query, run by ``session``.
+
+        Example::
+
+            users = await query.with_session(other_session).all()
+        """
+        new = self._derive(self._statement)
+        new._session = session
+        return new
+
+    def with_transformation(self, fn: Callable[[Self], _Q]) -> _Q:
+        """Return ``fn(self)``: reusable query transformations, as in the sync Query.
+
+        Example::
+
+            def active(query): return query.filter(User.fullname.is_not(None))
+            users = await session.query(User).with_transformation(active).all()
+        """
+        return fn(self)
+
+    # -- constructs (no IO) ---------------------------------------------------------------
+
+    def subquery(self, name: str | None = None, with_labels: bool = False,
+                 reduce_columns: bool = False) -> Subquery:
+        """The query as a named subquery for a FROM clause, as the sync ``Query.subquery()``.
+
+        ``with_labels`` prefixes column names with their table's; ``reduce_columns`` drops
+        same-named columns equated by a foreign key or the WHERE clause.
+
+        Example::
+
+            counts = (session.query(Address.user_id, func.count().label("n"))
+                      .group_by(Address.user_id).subquery("counts"))
+            rows = await session.query(User.name, counts.c.n).join(
+                counts, counts.c.user_id == User.id).all()
+        """
+        statement = self.statement
+        if with_labels:
+            statement = statement.set_label_style(LABEL_STYLE_TABLENAME_PLUS_COL)
+        if reduce_columns:
+            statement = statement.reduce_columns()
+        return statement.subquery(name)
+
+    def cte(self, name: str | None = None, recursive: bool = False,
+            nesting: bool = False) -> CTE:
+        """The query as a common table expression (``WITH``), as the sync ``Query.cte()``.
+
+        Example::
+
+            ann = session.query(User.id).filter_by(name="ann").cte("ann")
+            emails = await session.query(Address.email).join(ann, ann.c.id == Address.user_id).all()
+        """
+        return self.statement.cte(name, recursive=recursive, nesting=nesting)
+
+    def scalar_subquery(self) -> ScalarSelect[Any]:
+        """The query as a scalar subquery: a column expression of its one column and row.
+
+        Example::
+
+            n = (session.query(func.count(Address.id))
+                 .filter(Address.user_id == User.id).scalar_subquery())
+            rows = await session.query(User.name, n).all()
+        """
+        return self.statement.scalar_subquery()
+
+    def label(self, name: str | None) -> Label[Any]:
+        """The query as a scalar subquery labelled ``name``.
+
+        Example::
+
+            n = (session.query(func.count(Address.id))
+                 .filter(Address.user_id == User.id).label("n_addresses"))
+            rows = await session.query(User.name, n).all()
+        """
+        return self.statement.label(name)
+
+    def exists(self) -> AwaitableExists:
+        """``EXISTS (query)``: awaited, True when the query matches at least one row.
+
+        Not awaited, it is the :class:`~sqlalchemy.sql.expression.Exists` construct the sync
+        ``Query.exists()`` returns, for use in another query; awaiting it runs ``SELECT
+        EXISTS (...)`` on this query's session.
+
+        Example::
+
+            if await session.query(User).filter_by(name="ann").exists():
+                ...
+            found = await session.query(session.query(User).filter_by(name="ann").exists()).scalar()
+        """
+        construct = AwaitableExists(self.statement)
+        construct._asyncorm_session = self._session
+        return construct
+
     # -- terminals ------------------------------------------------------------------------
 
     async def all(self) -> list[_T]:
         """All results: objects for one entity, rows otherwise."""
-        return list((await self._run()).all())
+        return list(await self._fetch("all"))
 
     async def first(self) -> _T | None:
         """The first result (LIMIT 1), or None."""
-        return (await self._run(self._statement.limit(1))).first()  # type: ignore[no-any-return]
+        return await self._fetch("first", self._statement.limit(1))  # type: ignore[no-any-return]
 
     async def one(self) -> _T:
         """Exactly one result; raises NoResultFound or MultipleResultsFound otherwise."""
-        return (await self._run()).one()  # type: ignore[no-any-return]
+        return await self._fetch("one")  # type: ignore[no-any-return]
 
     async def one_or_none(self) -> _T | None:
         """One result or None; raises MultipleResultsFound for more."""
-        return (await self._run()).one_or_none()  # type: ignore[no-any-return]
+        return await self._fetch("one_or_none")  # type: ignore[no-any-return]
 
     async def scalar(self) -> Any:
         """The first column of the only row (the object for one entity), or None."""
@@ -271,11 +699,7 @@ class AsyncQuery(Generic[_T]):
     async def count(self) -> int:
         """``SELECT count(*)`` over this query as a subquery, as the sync Query counts."""
         counted = select(func.count()).select_from(self._statement.subquery())
-        return int(await self._session.scalar(counted) or 0)
-
-    async def exists(self) -> bool:
-        """True when the query matches at least one row (``SELECT EXISTS (...)``)."""
-        return bool(await self._session.scalar(select(self._statement.exists())))
+        return int(await self._session.scalar(counted, self._params or None) or 0)
 
     async def get(self, ident: Any) -> _T | None:
         """The object with primary key ``ident``, from the identity map when present.
@@ -310,7 +734,9 @@ class AsyncQuery(Generic[_T]):
     async def delete(self, synchronize_session: SynchronizeSession = "auto") -> int:
         """Bulk DELETE the rows this query matches; returns the number of rows deleted.
 
-        ``synchronize_session`` keeps the session's objects in sync as in the sync Query.
+        ``synchronize_session`` keeps the session's objects in sync as in the sync Query;
+        after ``params()``, ``"auto"`` means ``"fetch"`` (``"evaluate"`` cannot see the
+        values, and the sync Query's ``"auto"`` leaves the objects stale).
         As there, a query with ``limit()``, ``offset()``, ``order_by()``, ``group_by()``,
         ``distinct()``, ``join()``, ``outerjoin()`` or ``select_from()`` raises
         :class:`~sqlalchemy.exc.InvalidRequestError` before any SQL is sent.
@@ -322,10 +748,8 @@ class AsyncQuery(Generic[_T]):
             statement = statement.where(self._statement.whereclause)
         result = await self._session.execute(
             statement,
-            execution_options={
-                **self._statement.get_execution_options(),
-                "synchronize_session": synchronize_session,
-            },
+            self._params or None,
+            execution_options=self._bulk_options(synchronize_session),
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -342,17 +766,106 @@ class AsyncQuery(Generic[_T]):
             statement = statement.where(self._statement.whereclause)
         result = await self._session.execute(
             statement,
-            execution_options={
-                **self._statement.get_execution_options(),
-                "synchronize_session": synchronize_session,
-            },
+            self._params or None,
+            execution_options=self._bulk_options(synchronize_session),
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
-    def __aiter__(self) -> AsyncIterator[_T]:
+    @overload
+    def __getitem__(self, item: builtins.slice) -> Coroutine[Any, Any, list[_T]]: ...
+
+    @overload
+    def __getitem__(self, item: SupportsIndex) -> Coroutine[Any, Any, _T]: ...
+
+    def __getitem__(self, item: builtins.slice | SupportsIndex) -> Coroutine[Any, Any, Any]:
+        """``await query[start:stop]`` is the list of those results, ``await query[i]`` one.
+
+        The sync ``query[10:20]`` runs the query; here the IO is awaited, so indexing returns
+        a coroutine to await. A slice runs with LIMIT/OFFSET (see :meth:`slice`) and gives
+        a list (a step is applied to that list, as in sync); an index gives the object or
+        row at that position, or raises :class:`IndexError` when the query has fewer rows.
+        Negative indexes raise :class:`IndexError` at once, as in the sync Query (SQL
+        cannot count from the end without loading every row), also in a slice such as
+        ``[1:-1]`` for which the sync Query returns ``[]``.
+
+        Example::
+
+            page = await session.query(User).order_by(User.id)[10:20]
+            third = await session.query(User).order_by(User.id)[2]
+        """
+        if isinstance(item, slice):
+            start, stop, step = (_index(x) for x in (item.start, item.stop, item.step))
+            # any negative bound raises; the sync Query returns [] for some ([1:-1]) where
+            # a list would not, as it checks for an empty range first
+            if (start is not None and start < 0) or (stop is not None and stop < 0):
+                raise IndexError(_NEGATIVE_INDEX.format(
+                    item=f"[{'' if start is None else start}:{'' if stop is None else stop}]"
+                ))
+            if start is not None and stop is not None and stop <= start:
+                return self._nothing()
+            return self._slice_list(start, stop, step)
+        index = _index(item)
+        if index is None or index < 0:
+            raise IndexError(_NEGATIVE_INDEX.format(item=f"[{index}]"))
+        return self._item(index)
+
+    async def _nothing(self) -> list[_T]:
+        return []
+
+    async def _slice_list(self, start: int | None, stop: int | None,
+                          step: int | None) -> list[_T]:
+        rows = await self.slice(start, stop).all()
+        return rows if step is None else rows[::step]
+
+    async def _item(self, index: int) -> _T:
+        rows = await self._slice_list(index, index + 1, None)
+        if not rows:
+            raise IndexError(
+                f"AsyncQuery[{index}]: index out of range, the query has no row at "
+                f"offset {index}."
+            )
+        return rows[0]
+
+    def __aiter__(self) -> AsyncGenerator[_T, None]:
+        """``async for`` over the results: buffered first, or streamed after ``yield_per()``.
+
+        Without ``yield_per()`` the results are loaded first, as the sync Query does, and
+        the loop body may use the session freely. After ``yield_per(n)`` they stream through
+        a server-side cursor n rows at a time; the loop body may still run other queries on
+        the session. A loop left early closes the cursor when the iterator is finalized;
+        close it at once with ``contextlib.aclosing``.
+
+        Example::
+
+            async with contextlib.aclosing(aiter(query.yield_per(500))) as users:
+                async for user in users:
+                    if done(user):
+                        break
+        """
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[_T]:
-        # buffered, like the sync Query: the loop body may run other queries on the session
-        for item in await self.all():
-            yield item
+    async def _iterate(self) -> AsyncGenerator[_T, None]:
+        if self._yield_per is None:
+            # buffered, like the sync Query: the loop body may run other queries on the session
+            for item in await self.all():
+                yield item
+            return
+        # streamed in batches of yield_per rows through a server-side cursor
+        result = await self._session.stream(self._statement, self._params or None)
+        try:
+            async for item in self._shape(result):
+                yield item
+        finally:
+            await result.close()
+
+
+def _index(value: Any) -> int | None:
+    """An index or slice bound as an int (None stays None), as ``list`` indexing reads it."""
+    if value is None:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"AsyncQuery indices must be integers or slices, not {type(value).__name__}"
+        ) from None
