@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import aiosqlite
@@ -135,7 +136,7 @@ class OneTripSSCursor(AsyncAdapt_aiosqlite_ss_cursor):
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     """SQLAlchemy's aiosqlite connection adapter with one-trip cursors and a queued BEGIN."""
 
-    __slots__ = ("_begun", "_queued_begin")
+    __slots__ = ("_begun", "_queued_begin", "on_transaction_end")
 
     _cursor_cls = OneTripCursor
     _ss_cursor_cls = OneTripSSCursor
@@ -146,6 +147,9 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
         # whether a BEGIN may have reached the thread since the last COMMIT/ROLLBACK:
         # unlike sqlite3's in_transaction, it counts a call still queued or running
         self._begun = False
+        self.on_transaction_end: Callable[[OneTripConnection], None] | None = None
+        """Called after each COMMIT or ROLLBACK that completed (or had nothing to end); the
+        SQLite profile sets it on a detached connection, which no pool checkin ends."""
 
     def queue_begin(self, sql: str) -> None:
         """Send ``sql`` (a BEGIN) with the next statement, in the same trip."""
@@ -208,15 +212,18 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
 
     def rollback(self) -> None:
         self._queued_begin = None
-        if not self.may_be_in_transaction:
-            return  # no BEGIN was sent: nothing to roll back, and no trip for sqlite3's no-op
-        self._end(super().rollback)
+        # no BEGIN sent: nothing to roll back, and no trip for sqlite3's no-op
+        if self.may_be_in_transaction:
+            self._end(super().rollback)
+        if self.on_transaction_end is not None:
+            self.on_transaction_end(self)
 
     def commit(self) -> None:
         self._queued_begin = None
-        if not self.may_be_in_transaction:
-            return
-        self._end(super().commit)
+        if self.may_be_in_transaction:
+            self._end(super().commit)
+        if self.on_transaction_end is not None:
+            self.on_transaction_end(self)
 
     def _end(self, call: Any) -> None:
         try:

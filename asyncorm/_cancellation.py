@@ -190,9 +190,14 @@ class EngineHooks:
             try:
                 dialect.do_rollback(dbapi_connection)
             except asyncio.CancelledError as exc:
-                # aiosqlite finishes the rollback on its thread regardless; asyncpg's state
-                # after a cancelled ROLLBACK is settled and checked before pooling
-                if checks_suspects and not wait_to_completion(_asyncpg_is_clean, dbapi_connection):
+                # The connection is pooled only once its state is known. asyncpg's after a
+                # cancelled ROLLBACK is settled and checked; aiosqlite's cancelled ROLLBACK
+                # still runs on the connection's thread, but its adapter does not know when
+                # it has (it would take the next checkout's first statement for one inside a
+                # transaction and send no BEGIN): one more ROLLBACK, queued behind it and
+                # waited for, ends what is left and settles the adapter's bookkeeping.
+                check = _asyncpg_is_clean if checks_suspects else _rolled_back
+                if not wait_to_completion(check, dbapi_connection):
                     record.invalidate()
                 request_again([exc])
 
@@ -261,6 +266,15 @@ def _keep_connection_on_cancel(context: ExceptionContext) -> None:
     ):
         context.is_disconnect = False
         connection.info[_SUSPECT] = True
+
+
+def _rolled_back(dbapi_connection: Any) -> bool:
+    """Roll back (again) to completion; whether nothing is left open."""
+    try:
+        dbapi_connection.rollback()
+    except Exception:
+        return False
+    return not _transaction_open(dbapi_connection, dbapi_connection.driver_connection)
 
 
 def _asyncpg_is_clean(dbapi_connection: Any) -> bool:

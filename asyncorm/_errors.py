@@ -120,9 +120,10 @@ class SQLiteWriteLockError(AsyncORMError, RuntimeError):
 
     asyncorm serialises SQLite transactions of one engine in-process, so that
     read-modify-write transactions neither lose updates nor fail with "database is locked".
-    This error is raised when waiting would deadlock: the task waiting for the lock is the
-    task that holds it through another connection (e.g. a second session opened inside the
-    first one's transaction).
+    This error is raised when waiting would deadlock: the task waiting for the lock (or the
+    task a helper task works for) is the task that opened the session or connection holding
+    it (e.g. a second session opened inside the first one's transaction). The message names
+    the holding session or connection and where its transaction took the lock.
     """
 
 

@@ -19,7 +19,21 @@ changes:
 * the engine's transactions take turns on an :class:`asyncio.Lock` before they send BEGIN, so
   a waiting transaction awaits in the event loop instead of spinning in SQLite's busy
   handler. The lock is held from BEGIN until the connection returns to the pool, which a
-  Session does when its transaction ends.
+  Session does when its transaction ends; a detached connection (``Connection.detach()``)
+  holds it until its transaction ends or it is closed.
+
+The lock belongs to the session or connection whose transaction took it, and its owner is the
+task that opened that session (``_asyncorm_opened_by`` when the session records it, else the
+task that began its transaction) or checked out that connection: not a helper task that sent
+the first statement (``asyncio.wait_for`` on Python 3.11, the exit of SQLAlchemy's
+``async_sessionmaker.begin()``). Waiting is a deadlock when the waiting task, or the owner of
+the session it works for, owns the holder. Where the user's code took the lock is kept (a
+frame walk when the lock is taken) for the messages.
+
+Statements SQLite refuses or ignores inside a transaction (VACUUM, PRAGMA foreign_keys,
+journal_mode, synchronous, temp_store, wal_checkpoint) run outside one when none is open, as
+pysqlite does, taking turns on the lock for their duration; a user's own BEGIN replaces the
+profile's.
 
 Other processes writing the same file are still handled by SQLite's busy timeout.
 """
@@ -28,16 +42,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
+import re
 import sqlite3
+import sys
 import time
 import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+import greenlet  # type: ignore[import-untyped]  # SQLAlchemy's asyncio bridge
+import sqlalchemy
 from sqlalchemy import event
-from sqlalchemy.engine import URL, ExecutionContext
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, ExecutionContext
+from sqlalchemy.ext.asyncio import AsyncEngine, async_session
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.util import await_
 
@@ -98,16 +119,142 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
     return url, kwargs, install
 
 
+_SESSION = "asyncorm.session"
+"""Pool record info: a weak reference to the Session whose transaction uses the connection."""
+_OPENED_BY = "asyncorm.opened_by"
+"""Pool record info: a weak reference to the task that checked the connection out."""
+
+_SPECIAL = re.compile(
+    r"\s*(?:(?P<outside>VACUUM|PRAGMA\s+(?:\w+\s*\.\s*)?"
+    r"(?:foreign_keys|journal_mode|synchronous|temp_store|wal_checkpoint))|(?P<begin>BEGIN))\b",
+    re.IGNORECASE,
+)
+"""Statements that SQLite refuses or ignores inside a transaction (run outside one when no
+transaction is open, taking turns on the lock for their duration), and the user's own BEGIN
+(which then takes the place of the profile's)."""
+
+_profiled: weakref.WeakSet[Engine] = weakref.WeakSet()
+_begun_by: weakref.WeakKeyDictionary[Session, weakref.ref[asyncio.Task[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The task in which each session's current outermost transaction was created (weakly: the
+task's coroutines may refer to the session)."""
+
+_LIBRARY_DIRS = (
+    *(os.path.dirname(module.__file__ or "") + os.sep for module in (asyncio, sqlalchemy)),
+    os.path.dirname(__file__) + os.sep,
+    contextlib.__file__,
+    functools.__file__,
+)
+_RUN_CALLBACK = asyncio.Handle._run.__code__
+_is_library: dict[Any, bool] = {}
+"""Code objects of SQLAlchemy, asyncio and asyncorm, skipped when naming the user's code."""
+
+
+_Location = tuple[str, int, str]
+"""A place in the user's code: file, line, function."""
+
+
+class _Holding:
+    """Who holds the write lock: a connection (``key``, its DBAPI connection), for what."""
+
+    __slots__ = ("key", "owner", "since", "taker", "what", "where")
+
+    def __init__(self, key: object, what: str, owner: asyncio.Task[Any] | None) -> None:
+        self.key = key
+        self.what = what  # "session <AsyncSession 0x..>" or "connection <Connection 0x..>"
+        self.owner = owner  # the task that opened the session or connection
+        self.taker: asyncio.Task[Any] | None = None  # the task that sent its first statement
+        self.where: _Location | None = None  # where the user's code took the lock
+        self.since = 0.0
+
+
 class _WriterSlot:
     """The write lock of one engine within one event loop, and who holds it."""
 
-    __slots__ = ("holder", "lock", "since", "task")
+    __slots__ = ("holding", "lock")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
-        self.holder: object | None = None  # the holding pool entry's record_info
-        self.task: asyncio.Task[Any] | None = None
-        self.since = 0.0
+        self.holding: _Holding | None = None
+
+
+def _install_session_events() -> None:
+    """Listen (once per process) for the Session events that tell whose a connection is."""
+    if event.contains(Session, "after_begin", _session_began):
+        return
+    event.listen(Session, "after_transaction_create", _transaction_created)
+    event.listen(Session, "after_begin", _session_began)
+
+
+def _transaction_created(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # a sync Session, no event loop running
+            return
+        if task is not None:
+            _begun_by[session] = weakref.ref(task)
+
+
+def _session_began(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+    if connection.engine in _profiled:
+        connection.info[_SESSION] = weakref.ref(session)
+
+
+def _keep_connection_on_lock_error(context: ExceptionContext) -> None:
+    """A lock wait that timed out sent nothing: the connection is fine. (SQLAlchemy takes an
+    asyncio TimeoutError for a lost connection, and a detached one would be dropped unclosed.)"""
+    if context.is_disconnect and isinstance(context.original_exception, SQLiteWriteLockError):
+        context.is_disconnect = False
+
+
+def _code_location(owner: asyncio.Task[Any] | None) -> _Location | None:
+    """Where the user's code is: the innermost frame that is not SQLAlchemy's, asyncio's or
+    asyncorm's, in this greenlet, then in the task's coroutines; failing that (the current
+    task is a helper, such as asyncio.wait_for's), where the owner task is awaiting."""
+    frame: Any = sys._getframe(1)
+    parent = greenlet.getcurrent().parent
+    while True:
+        while frame is not None:
+            code = frame.f_code
+            if code is _RUN_CALLBACK:
+                break  # the event loop running the task: no code of the task's any more
+            library = _is_library.get(code)
+            if library is None:
+                library = _is_library[code] = code.co_filename.startswith(_LIBRARY_DIRS)
+            if not library:
+                return code.co_filename, frame.f_lineno, code.co_name
+            frame = frame.f_back
+        if parent is None:
+            break
+        frame, parent = parent.gr_frame, None  # the task's coroutines, awaiting this greenlet
+    if owner is not None and owner is not asyncio.current_task() and not owner.done():
+        for frame in reversed(owner.get_stack()):
+            code = frame.f_code
+            if not code.co_filename.startswith(_LIBRARY_DIRS):
+                return code.co_filename, frame.f_lineno, code.co_name
+    return None
+
+
+def _describe_location(where: _Location | None) -> str:
+    """``path:line in function()`` for a message (the path relative to the working
+    directory when it is inside it)."""
+    if where is None:
+        return "an unknown place (no code of the application on the stack)"
+    path, line, function = where
+    with contextlib.suppress(ValueError):  # another drive
+        relative = os.path.relpath(path)
+        if not relative.startswith(".."):
+            path = relative
+    return f"{path}:{line} in {function}()"
+
+
+def _task_label(task: asyncio.Task[Any] | None) -> str:
+    if task is None:
+        return "code running outside any asyncio task"
+    done = " (finished)" if task.done() else ""
+    return f"task {task.get_name()!r}{done}"
 
 
 class _SQLiteProfile:
@@ -124,15 +271,21 @@ class _SQLiteProfile:
 
     def install(self, engine: AsyncEngine) -> None:
         sync_engine = engine.sync_engine
+        _install_session_events()
+        _profiled.add(sync_engine)
         event.listen(sync_engine, "connect", self._on_connect)
         # dialect events: unlike a connection event such as "begin", they add no work to
         # SQLAlchemy's executions, commits and rollbacks beyond the call itself
         dialect = sync_engine.dialect
         event.listen(dialect, "do_execute", self._on_execute)
-        event.listen(dialect, "do_executemany", self._on_execute)
+        event.listen(dialect, "do_executemany", self._on_executemany)
         event.listen(dialect, "do_execute_no_params", self._on_execute_no_params)
-        event.listen(sync_engine, "checkin", self._on_return)
-        event.listen(sync_engine, "detach", self._on_return)
+        event.listen(sync_engine, "checkout", self._on_checkout)
+        event.listen(sync_engine, "checkin", self._on_checkin)
+        event.listen(sync_engine, "invalidate", self._on_invalidate)
+        event.listen(sync_engine, "detach", self._on_detach)
+        event.listen(sync_engine, "close_detached", self._release)
+        event.listen(sync_engine, "handle_error", _keep_connection_on_lock_error)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -147,52 +300,121 @@ class _SQLiteProfile:
     def _on_execute(
         self, cursor: Any, statement: str, parameters: Any, context: ExecutionContext
     ) -> bool:
-        self._ensure_transaction(context)
-        return False  # SQLAlchemy executes the statement as usual
+        return self._ensure_transaction(cursor, statement, (parameters,), context)
+
+    def _on_executemany(
+        self, cursor: Any, statement: str, parameters: Any, context: ExecutionContext
+    ) -> bool:
+        return self._ensure_transaction(cursor, statement, (parameters, True), context)
 
     def _on_execute_no_params(
         self, cursor: Any, statement: str, context: ExecutionContext
     ) -> bool:
-        self._ensure_transaction(context)
-        return False
+        return self._ensure_transaction(cursor, statement, (), context)
 
-    def _ensure_transaction(self, context: ExecutionContext) -> None:
-        """Before a statement: take the write lock and BEGIN IMMEDIATE, unless already done."""
+    def _on_checkout(
+        self, dbapi_connection: Any, connection_record: ConnectionPoolEntry, proxy: Any
+    ) -> None:
+        info = connection_record.info
+        task = asyncio.current_task()
+        info[_OPENED_BY] = None if task is None else weakref.ref(task)
+        info[_SESSION] = None
+
+    def _on_checkin(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+        if dbapi_connection is None:
+            return  # invalidated: released then
+        if isinstance(dbapi_connection, OneTripConnection):
+            dbapi_connection.discard_queued_begin()
+        self._release(dbapi_connection)
+
+    def _on_invalidate(
+        self, dbapi_connection: Any, connection_record: ConnectionPoolEntry, exc: Any
+    ) -> None:
+        self._release(dbapi_connection)  # closed next: SQLite ends its transaction
+
+    def _on_detach(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+        """A detached connection leaves the pool, so no checkin will release the lock: it
+        releases it when its transaction ends (or when it is closed), and takes it again for
+        its next transaction."""
+        if isinstance(dbapi_connection, OneTripConnection):
+            dbapi_connection.on_transaction_end = self._release
+            if not dbapi_connection.transaction_started:
+                self._release(dbapi_connection)
+        # another DBAPI module: the lock stays with the connection until it is closed
+
+    def _ensure_transaction(
+        self, cursor: Any, statement: str, parameters: tuple[Any, ...], context: ExecutionContext
+    ) -> bool:
+        """Before a statement: take the write lock and BEGIN IMMEDIATE, unless already done.
+
+        Returns True when the statement was run here (outside a transaction).
+        """
         conn = context.root_connection
-        adapter = conn.connection.dbapi_connection
-        if isinstance(adapter, OneTripConnection):
-            if adapter.transaction_started:
-                return
-        elif conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
-            return
+        fairy = conn.connection
+        adapter = fairy.dbapi_connection
+        one_trip = isinstance(adapter, OneTripConnection)
+        if one_trip:
+            if adapter.transaction_started:  # type: ignore[union-attr]
+                return False
+        elif fairy.driver_connection.in_transaction:  # type: ignore[union-attr]
+            return False
         if self.autocommit or conn.get_execution_options().get("isolation_level") == (
             "AUTOCOMMIT"
         ):
-            return
-        record = conn.connection.record_info
+            return False
+        special = _SPECIAL.match(statement)
         slot = self._slot()
-        acquired = slot.holder is not record
-        if acquired:
-            self._acquire(slot, record)
-        if isinstance(adapter, OneTripConnection):
+        holding = slot.holding
+        acquire = holding is None or holding.key is not adapter
+        if special is not None and special.lastgroup == "outside":
+            self._run_outside(slot, conn, cursor, statement, parameters, acquire=acquire)
+            return True
+        if acquire:
+            self._acquire(slot, conn)
+        if special is not None:
+            return False  # the user's own BEGIN begins the transaction
+        if one_trip:
             # sent with this statement, in the same trip to the driver's thread
-            adapter.queue_begin("BEGIN IMMEDIATE")
-            return
+            adapter.queue_begin("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+            return False
         try:
             # a user-given DBAPI module: a call to the driver's thread of its own
-            await_(conn.connection.driver_connection.execute("BEGIN IMMEDIATE"))  # type: ignore[union-attr]
+            await_(fairy.driver_connection.execute("BEGIN IMMEDIATE"))  # type: ignore[union-attr]
         except BaseException:
-            if acquired:
-                self._release(slot)
+            if acquire:
+                self._release(adapter)
             raise
+        return False
 
-    def _on_return(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
-        if isinstance(dbapi_connection, OneTripConnection):
-            dbapi_connection.discard_queued_begin()
-        record = connection_record.record_info
-        for slot in list(self._slots.values()):
-            if slot.holder is record:
-                self._release(slot)
+    def _run_outside(
+        self,
+        slot: _WriterSlot,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: tuple[Any, ...],
+        *,
+        acquire: bool,
+    ) -> None:
+        """Run a statement SQLite refuses or ignores in a transaction (VACUUM, PRAGMA
+        foreign_keys, ...) outside one, as pysqlite does, taking turns on the lock for it."""
+        if acquire:
+            self._acquire(slot, conn)
+        try:
+            if len(parameters) == 2:
+                cursor.executemany(statement, parameters[0])
+            elif parameters:
+                cursor.execute(statement, parameters[0])
+            else:
+                cursor.execute(statement)
+        except Exception:
+            if acquire:
+                self._release(conn.connection.dbapi_connection)
+            raise
+        # a cancellation keeps the lock until the connection is returned: the statement
+        # still runs on the driver's thread
+        if acquire:
+            self._release(conn.connection.dbapi_connection)
 
     # -- the lock -------------------------------------------------------------------------
 
@@ -203,43 +425,90 @@ class _SQLiteProfile:
             slot = self._slots[loop] = _WriterSlot()
         return slot
 
-    def _acquire(self, slot: _WriterSlot, record: object) -> None:
-        task = asyncio.current_task()
-        if slot.holder is not None and task is not None and slot.task is task:
-            raise SQLiteWriteLockError(
-                f"Task {task.get_name()!r} already holds the write lock of the SQLite "
-                f"{self.label} through another connection (for {self._held_for(slot)}) and "
-                f"now begins a second transaction; waiting for itself would deadlock. "
-                f"SQLite runs one write transaction at a time: commit, roll back or close "
-                f"the first session before beginning another in the same task, or use one "
-                f"session for both."
-            )
-        try:
-            await_(self._wait(slot, record, task))
-        except TimeoutError:
-            holder = slot.task.get_name() if slot.task is not None else "unknown"
-            raise SQLiteWriteLockTimeout(
-                f"Waited {self.timeout:g}s for the write lock of the SQLite {self.label}; "
-                f"task {holder!r} has held it for {self._held_for(slot)}. Keep transactions "
-                f"short (don't await other work inside them; a task awaiting children that use "
-                f"the database must end its transaction first) or raise the engine's "
-                f"connect_args={{'timeout': seconds}}."
-            ) from None
+    def _holding_for(self, conn: Connection) -> _Holding:
+        """What takes the lock (a session, or a connection) and the task that opened it."""
+        info = conn.info
+        ref = info.get(_SESSION)
+        sync_session = ref() if ref is not None else None
+        key = conn.connection.dbapi_connection
+        if sync_session is not None:
+            proxy = async_session(sync_session)
+            target: object = sync_session if proxy is None else proxy
+            owner = getattr(target, "_asyncorm_opened_by", None)
+            if owner is None and (begun_by := _begun_by.get(sync_session)) is not None:
+                owner = begun_by()
+            return _Holding(key, f"session <{type(target).__name__} {id(target):#x}>", owner)
+        opened_by = info.get(_OPENED_BY)
+        owner = opened_by() if opened_by is not None else None
+        if owner is None:
+            owner = asyncio.current_task()
+        return _Holding(key, f"connection <Connection {id(conn):#x}>", owner)
 
-    async def _wait(
-        self, slot: _WriterSlot, record: object, task: asyncio.Task[Any] | None
-    ) -> None:
+    def _acquire(self, slot: _WriterSlot, conn: Connection) -> None:
+        wanted = self._holding_for(conn)
+        task = asyncio.current_task()
+        held = slot.holding
+        if held is not None and (
+            held.taker is task or (held.owner is not None and held.owner in (task, wanted.owner))
+        ):
+            raise self._deadlock(held, wanted, task)
+        try:
+            await_(self._wait(slot))
+        except TimeoutError:
+            raise self._timed_out(slot.holding) from None
+        wanted.taker, wanted.since = task, time.monotonic()
+        wanted.where = _code_location(wanted.owner)
+        slot.holding = wanted
+
+    async def _wait(self, slot: _WriterSlot) -> None:
         async with asyncio.timeout(self.timeout):
             await slot.lock.acquire()
-        slot.holder, slot.task, slot.since = record, task, time.monotonic()
+
+    def _release(self, key: object) -> None:
+        """Release the lock wherever the connection ``key`` holds it."""
+        for slot in list(self._slots.values()):
+            holding = slot.holding
+            if holding is not None and holding.key is key:
+                slot.holding = None
+                # RuntimeError: the lock's event loop is closed, so nobody can be waiting
+                with contextlib.suppress(RuntimeError):
+                    slot.lock.release()
+
+    def _deadlock(
+        self, held: _Holding, wanted: _Holding, task: asyncio.Task[Any] | None
+    ) -> SQLiteWriteLockError:
+        owner = held.owner if held.owner is not None else held.taker
+        waiter = _task_label(task)
+        if task is not wanted.owner and wanted.owner is not None:
+            waiter += f", working for {_task_label(wanted.owner)},"
+        holder = _task_label(owner)
+        return SQLiteWriteLockError(
+            f"{holder[0].upper()}{holder[1:]} holds the write lock of the SQLite {self.label} "
+            f"through {held.what} (begun at {_describe_location(held.where)}, "
+            f"{self._held_for(held)} ago), and {waiter} now begins a transaction on "
+            f"{wanted.what} at {_describe_location(_code_location(wanted.owner))}; waiting "
+            f"for the lock would deadlock, as the first transaction cannot end while its own "
+            f"task waits. SQLite runs one write transaction at a time: commit, roll back or "
+            f"close the first session before beginning another in the same task, or use one "
+            f"session for both."
+        )
+
+    def _timed_out(self, held: _Holding | None) -> SQLiteWriteLockTimeout:
+        if held is None:
+            holder = "its holder has just released it"
+        else:
+            owner = held.owner if held.owner is not None else held.taker
+            holder = (
+                f"{_task_label(owner)} has held it for {self._held_for(held)} through "
+                f"{held.what}, begun at {_describe_location(held.where)}"
+            )
+        return SQLiteWriteLockTimeout(
+            f"Waited {self.timeout:g}s for the write lock of the SQLite {self.label}; "
+            f"{holder}. Keep transactions short (don't await other work inside them; a task "
+            f"awaiting children that use the database must end its transaction first) or "
+            f"raise the engine's connect_args={{'timeout': seconds}}."
+        )
 
     @staticmethod
-    def _release(slot: _WriterSlot) -> None:
-        slot.holder = slot.task = None
-        # RuntimeError: the lock's event loop is closed, so nobody can be waiting
-        with contextlib.suppress(RuntimeError):
-            slot.lock.release()
-
-    @staticmethod
-    def _held_for(slot: _WriterSlot) -> str:
-        return f"{time.monotonic() - slot.since:.1f}s"
+    def _held_for(holding: _Holding) -> str:
+        return f"{time.monotonic() - holding.since:.1f}s"
