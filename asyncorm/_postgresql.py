@@ -12,25 +12,34 @@ so the pool replaces it:
   ``idle_session_timeout``) is known dead without a round trip (asyncpg's ``is_closed()``);
 * a connection that has sat in the pool for ``pool_pre_ping_after`` seconds or more (5 by
   default) is pinged with one simple-protocol round trip, which also works through pgbouncer;
-  0 pings on every checkout.
+  0 pings on every checkout;
+* so is a connection the server sent anything to while it sat in the pool (the FATAL error a
+  terminated backend sends before closing the socket, which would leave asyncpg refusing the
+  next query; see :mod:`asyncorm._asyncpg`).
+
+Connections are opened in a context of their own (:mod:`asyncorm._asyncpg`).
 
 Deferred BEGIN. Under READ COMMITTED, PostgreSQL's default, every statement sees a fresh
 snapshot whether or not it runs inside a transaction block, so a plain read returns exactly
 the same rows with or without a ``BEGIN`` before it. A plain read is a ``SELECT`` built with
-SQLAlchemy (the compiled statement, ORM expressions expanded, is inspected once per cached
-statement) with no ``FOR UPDATE``/``FOR SHARE``, no ``INTO``, no data-modifying CTE
-(``INSERT``/``UPDATE``/``DELETE``/``MERGE`` anywhere in it), no clock (``now()``,
-``CURRENT_TIMESTAMP``), no ``text()`` or literal SQL, no user-defined operator, and no
-function but PostgreSQL's own side-effect-free ones (``count``, ``lower``, ...) called
-unqualified; not streamed through a server-side cursor. While no transaction block is open,
-the profile runs each plain read with the driver in autocommit (on SQLAlchemy's ``do_execute``
-dialect event): a request that only reads costs one round trip instead of three (BEGIN,
-SELECT, ROLLBACK), and the first other statement (a flush, ``FOR UPDATE``, ``text()``,
-``exec_driver_sql()``, a savepoint) sends BEGIN first, so everything from there on is one
-atomic transaction, as usual. What SQL text cannot show is not seen: a view over a function
-that writes, or a table column name that PostgreSQL resolves as a function call. Transactions
-under another
-isolation level, ``postgresql_readonly`` or ``postgresql_deferrable`` always begin at once.
+SQLAlchemy (both the compiled statement, ORM expressions expanded, and the SQL text sent to
+the driver, with what ``TypeDecorator.column_expression()`` and the like add, are judged once
+per cached statement: see :mod:`asyncorm._plainread`) with no ``FOR UPDATE``/``FOR SHARE``,
+no ``INTO``, no data-modifying CTE (``INSERT``/``UPDATE``/``DELETE``/``MERGE`` anywhere in
+it), no clock (``now()``, ``CURRENT_TIMESTAMP``), no ``text()`` or literal SQL, no
+user-defined operator, and no function but PostgreSQL's own side-effect-free ones
+(``count``, ``lower``, ...) called unqualified; not streamed through a server-side cursor.
+While no transaction block is open, the profile runs each plain read with the driver in
+autocommit (on SQLAlchemy's ``do_execute`` dialect event): a request that only reads costs
+one round trip instead of three (BEGIN, SELECT, ROLLBACK), and the first other statement (a
+flush, ``FOR UPDATE``, ``text()``, ``exec_driver_sql()``, a savepoint) sends BEGIN first, so
+everything from there on is one atomic transaction, as usual. What SQL text cannot show is
+not seen: a view over a function that writes, or a table column name that PostgreSQL
+resolves as a function call. Transactions under another isolation level,
+``postgresql_readonly`` or ``postgresql_deferrable`` always begin at once, and so do those
+of a connection whose session default is another isolation level (a ``connect`` listener's
+``SET SESSION CHARACTERISTICS``, ``ALTER DATABASE/ROLE ... SET
+default_transaction_isolation``): the default is read once per physical connection.
 ``create_engine(url, defer_begin=False)`` turns it off.
 """
 
@@ -38,23 +47,20 @@ from __future__ import annotations
 
 import re
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Compiled, ExecutionContext
+from sqlalchemy.engine import URL, ExecutionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
-from sqlalchemy.sql import Select, operators, visitors
-from sqlalchemy.sql.dml import UpdateBase
-from sqlalchemy.sql.elements import BinaryExpression, TextClause
-from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.util import await_
 
+from . import _asyncpg
 from ._cancellation import wait_to_completion
 from ._errors import ConfigurationError
+from ._plainread import is_plain_read
 
 __all__ = ["prepare"]
 
@@ -62,6 +68,7 @@ DEFAULT_PING_AFTER = 5.0
 """Seconds a pooled connection may sit idle before its next checkout pings it."""
 
 _RETURNED_AT = "asyncorm_returned_at"
+_HEARD = "asyncorm_heard"  # what the server had sent when the connection was returned
 
 
 def prepare(
@@ -76,8 +83,11 @@ def prepare(
         raise ConfigurationError(
             f"pool_pre_ping_after must be a number of seconds >= 0, got {ping_after!r}."
         )
+    if kwargs.get("async_creator") is not None:  # bypasses do_connect: wrapped here
+        kwargs["async_creator"] = _asyncpg.in_own_context(kwargs["async_creator"])
 
     def install(engine: AsyncEngine) -> None:
+        _asyncpg.install(engine)
         if pre_ping:
             _PrePing(float(ping_after)).install(engine)
         if defer_begin and _read_committed(isolation):
@@ -97,6 +107,9 @@ class _PrePing:
     def _on_checkin(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
         if dbapi_connection is not None:
             connection_record.info[_RETURNED_AT] = time.monotonic()
+            connection_record.info[_HEARD] = _asyncpg.idle_mark(
+                connection_record.driver_connection
+            )
 
     def _on_checkout(
         self,
@@ -111,7 +124,12 @@ class _PrePing:
         driver = connection_record.driver_connection
         if driver is None or driver.is_closed():
             raise DisconnectionError("the server closed this pooled connection")
-        if time.monotonic() - returned_at < self.ping_after:
+        # the server speaks to an idle connection to end it (a FATAL error before the end of
+        # file) or with a notification: ping it then, however recently it was returned
+        heard = connection_record.info.get(_HEARD)
+        if time.monotonic() - returned_at < self.ping_after and not _asyncpg.spoke_since(
+            driver, heard
+        ):
             return
         try:
             # a cancellation during the ping waits for it instead of costing the connection
@@ -129,76 +147,6 @@ def _read_committed(level: object) -> bool:
     return level is None or str(level).upper().replace("_", " ") == "READ COMMITTED"
 
 
-# functions that read and change nothing (PostgreSQL's own, unqualified); any other
-# function gets a transaction
-_SAFE_CALLS = frozenset(
-    {
-        "coalesce", "nullif", "greatest", "least", "count", "sum", "min", "max", "avg", "every",
-        "bool_and", "bool_or", "array_agg", "string_agg", "json_agg", "jsonb_agg",
-        "json_build_object", "jsonb_build_object", "json_object_agg", "jsonb_object_agg",
-        "lower", "upper", "length", "char_length", "octet_length", "trim", "ltrim", "rtrim",
-        "substring", "substr", "position", "replace", "concat", "concat_ws", "left", "right",
-        "lpad", "rpad", "abs", "round", "ceil", "ceiling", "floor", "trunc", "mod", "power",
-        "sqrt", "date_trunc", "date_part", "extract", "to_char", "to_date", "to_timestamp",
-        "to_number", "row_number", "rank", "dense_rank", "percent_rank", "cume_dist", "ntile",
-        "lag", "lead", "first_value", "last_value", "unnest"
-    }
-)
-# locking reads, SELECT INTO, and the clock: CURRENT_TIMESTAMP is the transaction's start
-_NOT_PLAIN = re.compile(
-    r"\bFOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b|\bINTO\b"
-    r"|\b(CURRENT_TIMESTAMP|CURRENT_TIME|CURRENT_DATE|LOCALTIME|LOCALTIMESTAMP)\b",
-    re.I,
-)
-
-# verdicts per compiled statement: SQLAlchemy caches compiled statements, so each distinct
-# statement is judged once
-_verdicts: weakref.WeakKeyDictionary[Compiled, bool] = weakref.WeakKeyDictionary()
-
-
-def _is_plain_read(context: ExecutionContext | None, sql: str) -> bool:
-    """True for a SELECT built with SQLAlchemy whose rows cannot differ inside or outside a
-    READ COMMITTED transaction block (it calls no function that could write).
-
-    Hand-written SQL (``text()``, ``exec_driver_sql()``) is never judged plain.
-    """
-    compiled = None if context is None else context.compiled
-    if compiled is None:
-        return False
-    verdict = _verdicts.get(compiled)
-    if verdict is None:
-        # an ORM statement's compile state holds the Core SELECT actually compiled, with
-        # column_property() and other ORM expressions expanded
-        state = getattr(compiled, "compile_state", None)
-        statement = getattr(state, "statement", None)
-        if statement is None:
-            statement = compiled.statement
-        verdict = _plain_select(statement) and not _NOT_PLAIN.search(sql)
-        _verdicts[compiled] = verdict
-    return verdict
-
-
-def _plain_select(statement: object) -> bool:
-    if not isinstance(statement, Select):
-        return False
-    for element in visitors.iterate(statement):
-        if isinstance(element, FunctionElement):
-            name = str(getattr(element, "name", ""))
-            if getattr(element, "packagenames", ()) or name.lower() not in _SAFE_CALLS:
-                return False  # also schema.lower(), which is not pg_catalog's lower()
-        elif isinstance(element, TextClause) or (
-            getattr(element, "is_literal", False) and getattr(element, "name", None) != "*"
-        ):
-            return False  # text() and literal_column() (but count()'s *): unjudged SQL
-        elif isinstance(element, BinaryExpression) and isinstance(
-            element.operator, operators.custom_op
-        ):
-            return False  # a user-defined operator runs a function of its own
-        elif isinstance(element, UpdateBase):
-            return False  # INSERT/UPDATE/DELETE ... RETURNING in a CTE
-    return True
-
-
 class _DeferredBegin:
     """Run a transaction's leading plain reads with the driver in autocommit.
 
@@ -208,29 +156,55 @@ class _DeferredBegin:
     this listener executes the statement itself with the adapter in autocommit for that one
     statement, so no BEGIN goes first. The first other statement finds no block open and
     the adapter back in its normal mode: it sends BEGIN, and the transaction is real from
-    there on. No state outlives the statement, and a dialect event (unlike a connection
-    event) adds no work to SQLAlchemy's other executions, commits or rollbacks.
+    there on. A dialect event (unlike a connection event) adds no work to SQLAlchemy's other
+    executions, commits or rollbacks.
+
+    Deferral is decided from the isolation level the BEGIN would really have: the adapter's
+    own (an ``isolation_level`` option names it in the BEGIN), or else the connection's
+    session default, read once per physical connection (after every ``connect`` listener,
+    at its first deferrable read: ``SHOW default_transaction_isolation``) and kept in the
+    pool entry's ``info``, which SQLAlchemy clears when it replaces the connection. The
+    dialect's ``default_isolation_level`` is no guide: it is read on the engine's first
+    connection, before user ``connect`` listeners run, and ``ALTER DATABASE/ROLE ... SET``
+    changes later connections. A statement that may change the default
+    (``SET SESSION CHARACTERISTICS``, ``default_transaction_isolation``, ``RESET ALL``,
+    ``DISCARD ALL``) makes the next deferrable read ask again.
     """
 
     def install(self, engine: AsyncEngine) -> None:
-        event.listen(engine.sync_engine.dialect, "do_execute", self._do_execute)
+        dialect = engine.sync_engine.dialect
+        event.listen(dialect, "do_execute", self._do_execute)
+        event.listen(dialect, "do_execute_no_params", self._do_execute_no_params)
+
+    @staticmethod
+    def _do_execute_no_params(cursor: Any, statement: str, context: ExecutionContext) -> bool:
+        if _changes_default(statement):
+            context.root_connection.connection.info.pop(_SESSION_ISOLATION, None)
+        return False
 
     @staticmethod
     def _do_execute(
         cursor: Any, statement: str, parameters: Any, context: ExecutionContext
     ) -> bool:
-        adapter: Any = context.root_connection.connection.dbapi_connection
+        pooled = context.root_connection.connection
+        if _changes_default(statement):
+            pooled.info.pop(_SESSION_ISOLATION, None)  # ask the server again, next time
+        adapter: Any = pooled.dbapi_connection
         if adapter is None or adapter.autocommit or adapter.readonly or adapter.deferrable:
             return False
         if adapter.driver_connection.is_in_transaction():
             return False  # the transaction is real already
-        if context.execution_options.get("stream_results") or not _is_plain_read(
+        if context.execution_options.get("stream_results") or not is_plain_read(
             context, statement
         ):
             return False
-        conn = context.root_connection
-        level = conn.get_execution_options().get("isolation_level")
-        if not (_read_committed(level) and _read_committed(conn.default_isolation_level)):
+        # the level asyncpg's BEGIN would name; None: the connection's session default
+        level = adapter.isolation_level
+        if level is None:
+            level = pooled.info.get(_SESSION_ISOLATION)
+            if level is None:
+                level = pooled.info[_SESSION_ISOLATION] = _session_isolation(adapter)
+        if not _read_committed(level):
             return False
         adapter.autocommit = True  # for this statement only: no BEGIN before it
         try:
@@ -238,3 +212,34 @@ class _DeferredBegin:
         finally:
             adapter.autocommit = False
         return True
+
+
+_SESSION_ISOLATION = "asyncorm_session_isolation"
+_RESET_ALL = re.compile(r"\b(?:reset|discard)\s+all\b")
+
+
+def _changes_default(statement: str) -> bool:
+    """Whether the session's default isolation level may have changed after ``statement``
+    (``SET SESSION CHARACTERISTICS``, ``default_transaction_isolation``, ``RESET ALL``,
+    ``DISCARD ALL``); plain substring tests first, as this runs for every statement."""
+    low = statement.lower()
+    return (
+        "default_transaction_isolation" in low
+        or "characteristics" in low
+        or (("reset" in low or "discard" in low) and _RESET_ALL.search(low) is not None)
+    )
+
+
+def _session_isolation(adapter: Any) -> str:
+    """The connection's default isolation level, asked outside any transaction block."""
+    adapter.autocommit = True  # no BEGIN before it
+    try:
+        cursor = adapter.cursor()
+        try:
+            cursor.execute("SHOW default_transaction_isolation")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    finally:
+        adapter.autocommit = False
+    return str(row[0])

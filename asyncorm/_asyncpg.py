@@ -1,0 +1,142 @@
+"""asyncpg connections: opened in a context of their own, and watched while they sit idle.
+
+A context of their own. asyncio's socket transport registers its reader callback from a
+``call_soon`` scheduled in the context current when the connection is opened, so the
+reader's handle keeps a copy of that context for as long as the socket is open. A pooled
+connection opened by a request task would keep that task's context variables alive (the
+registry's scope and its session, and whatever request-scoped state the application keeps
+in context variables) for the life of the connection. asyncorm therefore runs every
+``asyncpg.connect()`` in a task created with an empty :class:`contextvars.Context`: through
+SQLAlchemy's ``do_connect`` dialect event for connections opened from the URL, and by
+wrapping a user's ``async_creator``. SQLAlchemy's own setup of the new connection (codecs,
+server version) runs afterwards as usual. Later registrations that could capture a caller's
+context are short-lived: asyncpg's cancel requests (a task per request, done once the cancel
+is sent), query timeouts (cancelled when the query ends) and notification callbacks (run
+from the reader, so in the connection's own empty context). The one exception is asyncpg's
+``copy_from_*`` on the raw driver connection, which re-registers the reader after pausing it
+in the copying task's context.
+
+Watched while idle. A PostgreSQL server says nothing to an idle connection except to end it
+(a FATAL ``ErrorResponse`` such as ``terminating connection due to administrator command``,
+then end of file), or to deliver a notification. asyncpg, reading that error while idle,
+marks its protocol busy consuming an error until a ReadyForQuery that never comes, and until
+the end of file arrives the connection still reports itself open: the next query fails with
+"cannot switch to state 12; another operation (2) is in progress". Each connection's
+transport therefore reports to a small protocol wrapper that counts what it receives
+(:func:`idle_mark`, :func:`spoke_since`), so the pre-ping can ping a connection the server
+spoke to while it sat in the pool, and the pool replaces it. A statement that meets such a
+connection mid-use is already a disconnect: asyncpg aborts a connection whose protocol
+refuses an operation, and SQLAlchemy then finds it closed and invalidates it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import select
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+__all__ = ["idle_mark", "in_own_context", "install", "spoke_since"]
+
+_Connect = Callable[..., Awaitable[Any]]
+
+
+def in_own_context(connect: _Connect) -> Callable[..., Awaitable[Any]]:
+    """Wrap ``connect`` so that it runs in a task with an empty context, then is watched."""
+
+    async def open_connection(*args: Any, **kwargs: Any) -> Any:
+        async def run() -> Any:
+            return _watch(await connect(*args, **kwargs))
+
+        task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
+        try:
+            return await task  # a cancellation of the caller is passed on to the task
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().terminate()  # opened just as the caller was cancelled
+            raise
+
+    return open_connection
+
+
+def install(engine: AsyncEngine) -> None:
+    """Open the engine's connections from the URL in a context of their own."""
+    sync_engine = engine.sync_engine
+    # SQLAlchemy's asyncpg DBAPI adapter awaits the connection from ``async_creator_fn``, the
+    # keyword its own ``async_creator`` engine argument is implemented with; a user's
+    # ``async_creator`` bypasses this event and is wrapped by ``_postgresql.prepare`` instead
+    event.listen(sync_engine, "do_connect", _do_connect)
+
+
+def _do_connect(
+    dialect: Dialect, record: ConnectionPoolEntry, cargs: list[Any], cparams: dict[str, Any]
+) -> None:
+    cparams["async_creator_fn"] = in_own_context(cparams.get("async_creator_fn", asyncpg.connect))
+
+
+class _Watch(asyncio.Protocol):
+    """The transport's protocol: counts the data it receives, passes everything on."""
+
+    __slots__ = ("inner", "received")
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self.received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += 1
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def _transport(driver: Any) -> asyncio.Transport | None:
+    # asyncpg exposes no public accessor for its connection's transport
+    return getattr(driver, "_transport", None)
+
+
+def _watch(driver: Any) -> Any:
+    transport = _transport(driver)
+    if transport is not None and isinstance(transport.get_protocol(), asyncio.Protocol):
+        transport.set_protocol(_Watch(transport.get_protocol()))  # type: ignore[arg-type]
+    return driver
+
+
+def idle_mark(driver: Any) -> int | None:
+    """How much the server has sent on ``driver`` so far (None: not watched)."""
+    transport = _transport(driver)
+    protocol = None if transport is None else transport.get_protocol()
+    return protocol.received if isinstance(protocol, _Watch) else None
+
+
+def spoke_since(driver: Any, mark: int | None) -> bool:
+    """Whether the server sent anything on ``driver`` since :func:`idle_mark` gave ``mark``,
+    or has something not read yet (which costs one ``select()`` on the socket)."""
+    if mark is not None and idle_mark(driver) != mark:
+        return True
+    transport = _transport(driver)
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    fileno = sock.fileno()
+    if fileno < 0:
+        return True  # closed under us
+    readable, _, _ = select.select([fileno], [], [], 0)
+    return bool(readable)
