@@ -24,6 +24,7 @@ from ._errors import (
     ScopeError,
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
+    TransactionOutcomeUnknownError,
 )
 from ._query import AsyncQuery, AwaitableExists
 from ._registry import async_scoped_session
@@ -45,6 +46,7 @@ __all__ = [
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
+    "TransactionOutcomeUnknownError",
     "async_scoped_session",
     "async_sessionmaker",
     "create_engine",

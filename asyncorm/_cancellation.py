@@ -26,6 +26,11 @@ Cleanup that must not be abandoned halfway (``close()``, ``rollback()``, the che
 runs to completion: a cancellation arriving meanwhile is delivered once it has finished, with
 :meth:`asyncio.Task.uncancel` keeping the task's cancellation count exact, so that
 :func:`asyncio.timeout` and task groups still recognise their own cancellations.
+
+A COMMIT on its way must not be interrupted either, but its caller must learn its outcome
+rather than be told it was cancelled: :func:`hold_cancellations` awaits it in the caller's
+own task (no task per commit) with cancellations held back, and :func:`deliver_later` hands
+them back at the task's next suspension, unless their requester withdrew them meanwhile.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn
 __all__ = [
     "CLEANUP_GRACE",
     "EngineHooks",
+    "deliver_later",
     "ending_may_suspend",
+    "hold_cancellations",
     "mark_cleanup_task",
     "request_again",
     "run_to_completion",
@@ -114,6 +121,116 @@ async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
     if not task.cancelled() and (error := task.exception()) is not None:
         raise cancelled from error
     raise cancelled
+
+
+async def hold_cancellations(
+    coro: Coroutine[Any, Any, _T], held: list[asyncio.CancelledError]
+) -> _T:
+    """Await ``coro`` in the current task, holding back cancellations until it has finished.
+
+    For work that must not be interrupted and whose outcome the caller must learn (a COMMIT
+    on its way to the database): unlike :func:`run_to_completion` it creates no task and
+    raises nothing of its own. ``coro`` is stepped here, in the current task (same context,
+    same ``current_task()``), and each future it waits for is awaited through a future of
+    this function's own, so that a cancellation of the task cancels that one and never
+    reaches ``coro``. Cancellations that arrive meanwhile are appended to ``held``; the caller
+    decides what to do with them (:func:`deliver_later`, or raise one). The count of
+    cancellation requests is left as it is.
+
+    If ``coro`` is still waiting :data:`CLEANUP_GRACE` seconds after the first cancellation,
+    the future it waits for is cancelled, as the task's cancellation would have done, and
+    ``coro`` goes on from there (it typically raises a ``CancelledError``).
+
+    Example::
+
+        held: list[asyncio.CancelledError] = []
+        await hold_cancellations(session_commit(), held)
+        deliver_later(held)
+    """
+    loop = asyncio.get_running_loop()
+    gave_up = False
+    deadline = 0.0
+    throw: BaseException | None = None
+    try:
+        while True:
+            try:
+                yielded = coro.send(None) if throw is None else coro.throw(throw)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            throw = None
+            if yielded is None:  # a bare yield (asyncio.sleep(0)): let the loop run once
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError as exc:
+                    held.append(exc)
+                    deadline = deadline or loop.time() + CLEANUP_GRACE
+                continue
+            if not getattr(yielded, "_asyncio_future_blocking", False):
+                throw = RuntimeError(f"hold_cancellations() cannot wait for {yielded!r}")
+                continue
+            yielded._asyncio_future_blocking = False
+            future: asyncio.Future[Any] = yielded
+            while not future.done():
+                waiter = loop.create_future()
+
+                def wake(_: object, waiter: asyncio.Future[None] = waiter) -> None:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+                future.add_done_callback(wake)
+                timer = loop.call_at(deadline, wake, None) if held and not gave_up else None
+                try:
+                    await waiter
+                except asyncio.CancelledError as exc:
+                    if gave_up:
+                        future.cancel()  # as the task's cancellation would have done
+                    else:
+                        held.append(exc)
+                        deadline = deadline or loop.time() + CLEANUP_GRACE
+                finally:
+                    future.remove_done_callback(wake)
+                    if timer is not None:
+                        timer.cancel()
+                if held and not gave_up and not future.done() and loop.time() >= deadline:
+                    gave_up = True
+                    future.cancel()
+    finally:
+        coro.close()  # a no-op once it has finished; otherwise what a dropped task does
+
+
+def deliver_later(held: list[asyncio.CancelledError]) -> None:
+    """Request the ``held`` cancellations again, at the current task's next suspension.
+
+    Unless they were taken back by then: when the party that requested a cancellation
+    withdraws it with :meth:`asyncio.Task.uncancel` before the task next waits (an
+    :func:`asyncio.timeout` block or a task group exited meanwhile, having seen no
+    ``CancelledError``), it is not delivered. That is what Python 3.13's ``uncancel()`` does
+    with a pending request; on 3.11 and 3.12 a request made at once with
+    :meth:`asyncio.Task.cancel` (as :func:`request_again` does) would stay pending after the
+    ``asyncio.timeout`` block that withdrew it and cancel the task outside it with a bare
+    ``CancelledError`` instead of ``TimeoutError``. So the request is made from a loop
+    callback, once the task has suspended: the count of requests is checked then, and kept
+    exact (``uncancel()`` before ``cancel()``).
+
+    A task that finishes before it next suspends finishes normally.
+    """
+    if not held:
+        return
+    task = asyncio.current_task()
+    assert task is not None
+    count = len(held)
+    message = held[0].args[0] if held[0].args else None
+
+    def deliver() -> None:
+        if task.done():
+            return
+        still = min(count, task.cancelling())
+        for _ in range(still):
+            task.uncancel()
+        for _ in range(still):
+            task.cancel(message)
+
+    task.get_loop().call_soon(deliver)
 
 
 def wait_to_completion(fn: Callable[..., _T], *args: Any) -> _T:

@@ -10,6 +10,7 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── NoSessionScopeError       (also RuntimeError)
     ├── ScopeError                (also RuntimeError)
     ├── EventLoopMismatchError    (also RuntimeError)
+    ├── TransactionOutcomeUnknownError (also RuntimeError)
     └── SQLiteWriteLockError      (also RuntimeError)
         └── SQLiteWriteLockTimeout (also TimeoutError)
 """
@@ -28,6 +29,7 @@ __all__ = [
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
+    "TransactionOutcomeUnknownError",
 ]
 
 
@@ -131,5 +133,30 @@ class SQLiteWriteLockTimeout(SQLiteWriteLockError, TimeoutError):
     """Waiting for a SQLite database's write lock took longer than the engine's timeout.
 
     The timeout is the engine's ``connect_args={"timeout": seconds}`` (30 by default), the
-    same value SQLite's own busy timeout uses. Keep transactions short, or raise it.
+    same value SQLite's own busy timeout uses. Keep transactions short, or raise it. The
+    message names the session or connection holding the lock, the task that opened it and
+    where its transaction took the lock.
     """
+
+
+class TransactionOutcomeUnknownError(AsyncORMError, RuntimeError):
+    """A COMMIT was sent, and whether the database applied it cannot be known.
+
+    The connection failed (lost, killed, or the task was cancelled and the database had not
+    answered 10 seconds later) after COMMIT was sent and before the database answered: the
+    transaction may have been committed, or not. Its
+    ``__cause__`` is the original error. It is deliberately not a
+    ``sqlalchemy.exc.DBAPIError``, so that handlers that retry on connection errors do not
+    blindly run again a transaction that may already have been applied: check whether its
+    changes are in the database (a unique key, an idempotency token) before doing it again.
+
+    Example::
+
+        try:
+            async with Session.begin() as session:
+                session.add(Payment(key=key, amount=10))
+        except asyncorm.TransactionOutcomeUnknownError:
+            async with Session() as session:
+                done = await session.scalar(select(Payment.id).filter_by(key=key))
+    """
+

@@ -274,13 +274,14 @@ async def test_a_cancelled_commit_does_not_leave_the_next_checkout_without_a_tra
             loop.call_soon(victim.pop().cancel)
 
     async def writer() -> None:
-        async with Session() as session:
-            session.add(User(id=2, name="bo"))
-            await session.flush()
+        # a Core connection: its commit() is cancellable (a session's COMMIT, once sent,
+        # runs to its outcome: tests/test_commit_cancellation.py)
+        async with sqlite_engine.connect() as conn:
+            await conn.execute(insert(User).values(id=2, name="bo"))
             current = asyncio.current_task()
             assert current is not None
             victim.append(current)
-            await session.commit()
+            await conn.commit()
 
     event.listen(sqlite_engine.sync_engine, "commit", cancel_at_commit)
     try:
