@@ -21,10 +21,12 @@ from ._errors import (
     EventLoopMismatchError,
     LazyLoadError,
     NoSessionScopeError,
+    ReadOnlySessionError,
     ScopeError,
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
     TransactionOutcomeUnknownError,
+    WriteConflictError,
 )
 from ._query import AsyncQuery, AwaitableExists
 from ._registry import async_scoped_session
@@ -43,10 +45,12 @@ __all__ = [
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "ReadOnlySessionError",
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
     "TransactionOutcomeUnknownError",
+    "WriteConflictError",
     "async_scoped_session",
     "async_sessionmaker",
     "create_engine",

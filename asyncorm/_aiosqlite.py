@@ -136,7 +136,7 @@ class OneTripSSCursor(AsyncAdapt_aiosqlite_ss_cursor):
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     """SQLAlchemy's aiosqlite connection adapter with one-trip cursors and a queued BEGIN."""
 
-    __slots__ = ("_begun", "_queued_begin", "on_transaction_end")
+    __slots__ = ("_begun", "_queued_begin", "on_transaction_end", "snapshot_only")
 
     _cursor_cls = OneTripCursor
     _ss_cursor_cls = OneTripSSCursor
@@ -150,6 +150,9 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
         self.on_transaction_end: Callable[[OneTripConnection], None] | None = None
         """Called after each COMMIT or ROLLBACK that completed (or had nothing to end); the
         SQLite profile sets it on a detached connection, which no pool checkin ends."""
+        self.snapshot_only = False
+        """Set by the SQLite profile for a transaction begun deferred (a read snapshot) that
+        has not taken the engine's writer turn yet; meaningful while a transaction is on."""
 
     def queue_begin(self, sql: str) -> None:
         """Send ``sql`` (a BEGIN) with the next statement, in the same trip."""

@@ -89,11 +89,14 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     The async driver is chosen from the URL (aiosqlite for ``sqlite://``, asyncpg for
     ``postgresql://`` and ``postgres://``), and the dialect's profile is applied:
 
-    * SQLite: foreign keys on, WAL for file databases, a busy timeout, and real
-      transactions: every transaction starts with ``BEGIN IMMEDIATE`` and the engine's
-      transactions take turns in-process, so concurrent read-modify-write transactions
-      neither lose updates nor fail with "database is locked". ``sqlite://`` is an
-      in-memory database shared by the engine's connections, each with its own transaction.
+    * SQLite: foreign keys on (``sqlite_foreign_keys=False`` turns them off), WAL for file
+      databases, a busy timeout, and real transactions: one whose first statement reads
+      begins deferred on a snapshot and never waits while it reads; writers take turns
+      in-process at their first write; a declared unit of work (``Session.begin()``) begins
+      ``BEGIN IMMEDIATE``. Concurrent read-modify-write transactions neither lose updates
+      nor fail with "database is locked" (a stale snapshot's write raises
+      :class:`~asyncorm.WriteConflictError`). ``sqlite://`` is an in-memory database shared
+      by the engine's connections, each with its own transaction (every one IMMEDIATE).
     * PostgreSQL: asyncpg with ``pool_pre_ping=True``.
 
     Keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine` and win over

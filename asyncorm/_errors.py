@@ -8,6 +8,8 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── ConcurrentSessionUseError (also RuntimeError, sqlalchemy.exc.InvalidRequestError)
     ├── LazyLoadError             (also sqlalchemy.exc.MissingGreenlet)
     ├── NoSessionScopeError       (also RuntimeError)
+    ├── ReadOnlySessionError      (also sqlalchemy.exc.InvalidRequestError)
+    ├── WriteConflictError        (also sqlalchemy.exc.OperationalError)
     ├── ScopeError                (also RuntimeError)
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
@@ -16,6 +18,8 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
@@ -26,10 +30,12 @@ __all__ = [
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "ReadOnlySessionError",
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
     "TransactionOutcomeUnknownError",
+    "WriteConflictError",
 ]
 
 
@@ -160,3 +166,55 @@ class TransactionOutcomeUnknownError(AsyncORMError, RuntimeError):
                 done = await session.scalar(select(Payment.id).filter_by(key=key))
     """
 
+
+class ReadOnlySessionError(AsyncORMError, sa_exc.InvalidRequestError):
+    """A session (or connection) opened with ``read_only=True`` tried to write.
+
+    On SQLite asyncorm refuses the statement before sending it; on PostgreSQL the session's
+    transactions are ``READ ONLY`` and the server refuses it (SQLSTATE 25006). Either way
+    nothing was written. Use a session without ``read_only=True`` for work that writes.
+
+    Example::
+
+        async with Session(read_only=True) as session:
+            session.add(User(name="ann"))
+            await session.flush()   # raises ReadOnlySessionError
+
+    .. versionadded:: 0.2
+    """
+
+
+class WriteConflictError(AsyncORMError, sa_exc.OperationalError):
+    """A transaction's first write was refused because its read snapshot went stale.
+
+    On SQLite a session that is not a declared unit of work begins deferred: its reads see a
+    snapshot and take no writer turn, so sessions that only read never wait. If another
+    transaction commits a write after this one's first read, this one's first write is
+    refused (SQLite's ``SQLITE_BUSY_SNAPSHOT``) instead of silently overwriting what it did
+    not see. The whole unit of work is safe to retry: roll back and run it again, or declare
+    it with ``async with Session.begin()``, which begins IMMEDIATE and never conflicts.
+
+    Example::
+
+        for attempt in range(3):
+            try:
+                async with Session() as session:
+                    account = await session.get(Account, 1)
+                    account.balance -= 10
+                    await session.commit()
+                break
+            except asyncorm.WriteConflictError:
+                continue
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, message: str, statement: str | None, params: Any, orig: BaseException):
+        super().__init__(statement, params, orig)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.statement, self.params, self.orig)

@@ -35,8 +35,10 @@ one round trip instead of three (BEGIN, SELECT, ROLLBACK), and the first other s
 flush, ``FOR UPDATE``, ``text()``, ``exec_driver_sql()``, a savepoint) sends BEGIN first, so
 everything from there on is one atomic transaction, as usual. What SQL text cannot show is
 not seen: a view over a function that writes, or a table column name that PostgreSQL
-resolves as a function call. Transactions under another isolation level,
-``postgresql_readonly`` or ``postgresql_deferrable`` always begin at once, and so do those
+resolves as a function call. A read-only transaction (``postgresql_readonly``, a session with
+``read_only=True``) defers its plain reads too, and begins ``READ ONLY`` at its first other
+statement. Transactions under another isolation level or with ``postgresql_deferrable``
+always begin at once, and so do those
 of a connection whose session default is another isolation level (a ``connect`` listener's
 ``SET SESSION CHARACTERISTICS``, ``ALTER DATABASE/ROLE ... SET
 default_transaction_isolation``): the default is read once per physical connection.
@@ -51,7 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, ExecutionContext
+from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -59,7 +61,8 @@ from sqlalchemy.util import await_
 
 from . import _asyncpg
 from ._cancellation import wait_to_completion
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, ReadOnlySessionError
+from ._options import READ_ONLY
 from ._plainread import is_plain_read
 
 __all__ = ["prepare"]
@@ -88,12 +91,34 @@ def prepare(
 
     def install(engine: AsyncEngine) -> None:
         _asyncpg.install(engine)
+        event.listen(engine.sync_engine, "handle_error", _read_only_refused)
         if pre_ping:
             _PrePing(float(ping_after)).install(engine)
         if defer_begin and _read_committed(isolation):
             _DeferredBegin().install(engine)
 
     return url, kwargs, install
+
+
+def _read_only_refused(context: ExceptionContext) -> BaseException | None:
+    """A write refused in a READ ONLY transaction (SQLSTATE 25006): ReadOnlySessionError."""
+    if getattr(context.original_exception, "sqlstate", None) != "25006":
+        return None
+    shown = " ".join((context.statement or "").split())
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    read_only = context.execution_context is not None and (
+        context.execution_context.execution_options.get(READ_ONLY, False)
+    )
+    who = "This session is read-only (read_only=True)" if read_only else (
+        "This transaction is READ ONLY"
+    )
+    error = ReadOnlySessionError(
+        f"{who}, and PostgreSQL refused the statement {shown!r}, which writes; nothing was "
+        f"written. Use a session without read_only=True for work that writes."
+    )
+    error.__cause__ = context.sqlalchemy_exception
+    return error
 
 
 class _PrePing:
@@ -190,7 +215,9 @@ class _DeferredBegin:
         if _changes_default(statement):
             pooled.info.pop(_SESSION_ISOLATION, None)  # ask the server again, next time
         adapter: Any = pooled.dbapi_connection
-        if adapter is None or adapter.autocommit or adapter.readonly or adapter.deferrable:
+        # a READ ONLY transaction's plain reads defer too: outside a block, they read the
+        # same rows and write nothing either; its first other statement sends BEGIN READ ONLY
+        if adapter is None or adapter.autocommit or adapter.deferrable:
             return False
         if adapter.driver_connection.is_in_transaction():
             return False  # the transaction is real already

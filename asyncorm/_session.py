@@ -23,6 +23,7 @@ from ._errors import TransactionOutcomeUnknownError
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
+from ._options import read_only_options
 from ._query import AsyncQuery
 
 if TYPE_CHECKING:
@@ -67,6 +68,16 @@ class AsyncSession(sa_asyncio.AsyncSession):
       interrupt it: once it succeeded they return normally and the cancellation is delivered
       at the task's next await; a connection lost during COMMIT raises
       :class:`~asyncorm.TransactionOutcomeUnknownError` (docs/errors.md, "Cancellation").
+    * **read_only=True** (here, on the factory, or ``db.scope(read_only=True)``): a write
+      raises :class:`~asyncorm.ReadOnlySessionError` and nothing is written (SQLite: refused
+      before it is sent; PostgreSQL: the transactions are ``READ ONLY``). On SQLite such a
+      session reads a snapshot and never waits for a writer.
+
+    On SQLite a session's transaction begins deferred when its first statement reads (a
+    snapshot: sessions that only read never wait for each other or for a writer) and takes
+    the engine's writer turn at its first write; a transaction begun explicitly
+    (``session.begin()``, ``Session.begin()``) is a declared unit of work and begins
+    IMMEDIATE. See docs/sessions.md, "SQLite transactions".
 
     A custom ``sync_session_class`` should subclass ``AsyncSession.sync_session_class``
     (SQLAlchemy's ``Session`` with the lazy-load check); with a plain ``Session`` subclass,
@@ -83,6 +94,26 @@ class AsyncSession(sa_asyncio.AsyncSession):
     """
 
     sync_session_class: type[Session] = SyncSession
+
+    def __init__(
+        self,
+        bind: AsyncEngine | AsyncConnection | None = None,
+        *,
+        read_only: bool = False,
+        **kw: Any,
+    ) -> None:
+        if read_only:
+            kw["execution_options"] = {**(kw.get("execution_options") or {}),
+                                       **read_only_options()}  # fmt: skip
+        super().__init__(bind, **kw)
+        self.read_only = read_only
+        """Whether the session refuses writes (``read_only=True``)."""
+        try:
+            opened_by = asyncio.current_task()
+        except RuntimeError:  # constructed outside an event loop
+            opened_by = None
+        self._asyncorm_opened_by = opened_by
+        """The task that opened the session: the owner of the SQLite writer turn it takes."""
 
     _asyncorm_owner: object | None = None
     """The task inside an operation on this session, None when idle (see ``_guards``)."""

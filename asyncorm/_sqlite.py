@@ -59,11 +59,20 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, async_session
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.session import SessionTransactionOrigin
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.util import await_
 
 from ._aiosqlite import OneTripConnection, OneTripDBAPI
-from ._errors import ConfigurationError, SQLiteWriteLockError, SQLiteWriteLockTimeout
+from ._errors import (
+    ConfigurationError,
+    ReadOnlySessionError,
+    SQLiteWriteLockError,
+    SQLiteWriteLockTimeout,
+    WriteConflictError,
+)
+from ._options import READ_ONLY
 
 __all__ = ["prepare"]
 
@@ -109,7 +118,15 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
         label = repr(url.database)
     autocommit = kwargs.get("isolation_level") == "AUTOCOMMIT"
     wal = keeper is None
-    profile = _SQLiteProfile(label, timeout, autocommit=autocommit, wal=wal)
+    foreign_keys = kwargs.pop("sqlite_foreign_keys", True)
+    if not isinstance(foreign_keys, bool):
+        raise ConfigurationError(
+            f"sqlite_foreign_keys must be True (enforce foreign keys, the default) or False, "
+            f"got {foreign_keys!r}."
+        )
+    profile = _SQLiteProfile(
+        label, timeout, autocommit=autocommit, wal=wal, foreign_keys=foreign_keys
+    )
 
     def install(engine: AsyncEngine) -> None:
         profile.install(engine)
@@ -121,6 +138,10 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
 
 _SESSION = "asyncorm.session"
 """Pool record info: a weak reference to the Session whose transaction uses the connection."""
+_DECLARED = "asyncorm.declared"
+"""Pool record info: the connection's Session transaction was begun explicitly
+(``session.begin()``, ``Session.begin()``): a declared unit of work, begun IMMEDIATE."""
+_SQLITE_BUSY_SNAPSHOT = 517
 _OPENED_BY = "asyncorm.opened_by"
 """Pool record info: a weak reference to the task that checked the connection out."""
 
@@ -199,7 +220,55 @@ def _transaction_created(session: Session, transaction: SessionTransaction) -> N
 
 def _session_began(session: Session, transaction: SessionTransaction, connection: Any) -> None:
     if connection.engine in _profiled:
-        connection.info[_SESSION] = weakref.ref(session)
+        info = connection.info
+        info[_SESSION] = weakref.ref(session)
+        info[_DECLARED] = transaction.origin is SessionTransactionOrigin.BEGIN
+
+
+_FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*(\w+)", re.DOTALL)
+_DML_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
+_READ_WORDS = frozenset({"select", "values", "explain"})
+_PRAGMA = re.compile(r"\s*PRAGMA\s+(?:\w+\s*\.\s*)?(\w+)\s*(;|$|\(|=)?", re.IGNORECASE)
+_PRAGMA_QUERIES = frozenset(
+    {
+        "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+        "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check",
+        "function_list", "pragma_list", "collation_list", "database_list",
+    }
+)  # fmt: skip
+"""PRAGMAs that only report, even with an argument in parentheses."""
+_NEUTRAL_WORDS = frozenset({"savepoint", "release", "rollback"})
+"""SAVEPOINT, RELEASE, ROLLBACK TO: a transaction's own bookkeeping, neither read nor write."""
+
+
+def _text_writes(sql: str) -> bool:
+    """Whether hand-written SQL may write (any doubt: yes). SQLite's SELECT cannot write
+    (but through a user-defined function, which is not seen)."""
+    match = _FIRST_WORD.match(sql)
+    word = match.group(1).lower() if match else ""
+    if word in _READ_WORDS or word in _NEUTRAL_WORDS:
+        return False
+    if word == "with":
+        return _DML_WORD.search(sql) is not None
+    if word == "pragma":
+        pragma = _PRAGMA.match(sql)
+        if pragma is None:
+            return True
+        name, follows = pragma.group(1).lower(), pragma.group(2)
+        # "PRAGMA name" reports; "PRAGMA name = v" and "PRAGMA name(v)" set (but the queries)
+        return (follows in ("=", "(") and name not in _PRAGMA_QUERIES) or name == "optimize"
+    return True
+
+
+def _writes(context: Any, statement: str) -> bool:
+    """Whether a statement may write: DML and DDL compiled by SQLAlchemy, and hand-written
+    SQL that is not a SELECT/VALUES/EXPLAIN, a WITH without DML, or a PRAGMA that only reads."""
+    if context.isinsert or context.isupdate or context.isdelete or context.isddl:
+        return True
+    compiled = context.compiled
+    if compiled is not None and not isinstance(compiled.statement, TextClause):
+        return False  # a SELECT (or another selectable) built with SQLAlchemy
+    return _text_writes(statement)
 
 
 def _keep_connection_on_lock_error(context: ExceptionContext) -> None:
@@ -258,11 +327,14 @@ def _task_label(task: asyncio.Task[Any] | None) -> str:
 
 
 class _SQLiteProfile:
-    def __init__(self, label: str, timeout: float, *, autocommit: bool, wal: bool) -> None:
+    def __init__(
+        self, label: str, timeout: float, *, autocommit: bool, wal: bool, foreign_keys: bool
+    ) -> None:
         self.label = label
         self.timeout = timeout
         self.autocommit = autocommit
-        self.pragmas = ["PRAGMA foreign_keys=ON"]
+        self.wal = wal  # a WAL file: transactions that read begin deferred, on a snapshot
+        self.pragmas = [f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}"]
         if wal:
             self.pragmas += ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"]
         self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriterSlot] = (
@@ -286,6 +358,7 @@ class _SQLiteProfile:
         event.listen(sync_engine, "detach", self._on_detach)
         event.listen(sync_engine, "close_detached", self._release)
         event.listen(sync_engine, "handle_error", _keep_connection_on_lock_error)
+        event.listen(sync_engine, "handle_error", self._on_error)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -345,8 +418,11 @@ class _SQLiteProfile:
     def _ensure_transaction(
         self, cursor: Any, statement: str, parameters: tuple[Any, ...], context: ExecutionContext
     ) -> bool:
-        """Before a statement: take the write lock and BEGIN IMMEDIATE, unless already done.
+        """Before a statement: begin the transaction and take the writer turn as needed.
 
+        A transaction is begun deferred (a read snapshot, no writer turn) when its first
+        statement reads, on a WAL database, unless it is a declared unit of work; it takes
+        the turn at its first write. Otherwise it takes the turn and begins IMMEDIATE.
         Returns True when the statement was run here (outside a transaction).
         """
         conn = context.root_connection
@@ -355,6 +431,8 @@ class _SQLiteProfile:
         one_trip = isinstance(adapter, OneTripConnection)
         if one_trip:
             if adapter.transaction_started:  # type: ignore[union-attr]
+                if adapter.snapshot_only:  # type: ignore[union-attr]
+                    self._before_snapshot_statement(adapter, conn, statement, context)  # type: ignore[arg-type]
                 return False
         elif fairy.driver_connection.in_transaction:  # type: ignore[union-attr]
             return False
@@ -363,6 +441,16 @@ class _SQLiteProfile:
         ):
             return False
         special = _SPECIAL.match(statement)
+        read_only = context.execution_options.get(READ_ONLY, False)
+        if read_only or (one_trip and self.wal and special is None):
+            writes = _writes(context, statement)
+            if read_only and writes:
+                raise self._read_only(statement)
+            deferred = one_trip and self.wal and special is None and not writes
+            if deferred and not conn.info.get(_DECLARED):
+                adapter.snapshot_only = True  # type: ignore[union-attr]
+                adapter.queue_begin("BEGIN")  # type: ignore[union-attr]
+                return False
         slot = self._slot()
         holding = slot.holding
         acquire = holding is None or holding.key is not adapter
@@ -375,6 +463,7 @@ class _SQLiteProfile:
             return False  # the user's own BEGIN begins the transaction
         if one_trip:
             # sent with this statement, in the same trip to the driver's thread
+            adapter.snapshot_only = False  # type: ignore[union-attr]
             adapter.queue_begin("BEGIN IMMEDIATE")  # type: ignore[union-attr]
             return False
         try:
@@ -385,6 +474,49 @@ class _SQLiteProfile:
                 self._release(adapter)
             raise
         return False
+
+    def _before_snapshot_statement(
+        self, adapter: OneTripConnection, conn: Connection, statement: str, context: Any
+    ) -> None:
+        """A statement in a transaction begun deferred: its first write takes the turn.
+
+        SQLite then upgrades the snapshot to a write transaction, or refuses with
+        SQLITE_BUSY_SNAPSHOT when another transaction committed since the snapshot began
+        (turned into :class:`~asyncorm.WriteConflictError` by ``_on_error``).
+        """
+        if not _writes(context, statement):
+            return
+        if context.execution_options.get(READ_ONLY, False):
+            raise self._read_only(statement)
+        self._acquire(self._slot(), conn)
+        adapter.snapshot_only = False
+
+    def _read_only(self, statement: str) -> ReadOnlySessionError:
+        shown = " ".join(statement.split())
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return ReadOnlySessionError(
+            f"This session or connection is read-only (read_only=True), and the statement "
+            f"{shown!r} writes to the SQLite {self.label}; nothing was sent. Use a session "
+            f"without read_only=True for work that writes."
+        )
+
+    def _on_error(self, context: ExceptionContext) -> BaseException | None:
+        """SQLITE_BUSY_SNAPSHOT: a snapshot went stale before its first write."""
+        orig = context.original_exception
+        if getattr(orig, "sqlite_errorcode", None) != _SQLITE_BUSY_SNAPSHOT:
+            return None
+        return WriteConflictError(
+            f"Another transaction committed a write to the SQLite {self.label} after this "
+            f"transaction's first read, so SQLite refused this transaction's first write "
+            f"(SQLITE_BUSY_SNAPSHOT): its reads may be stale, and writing could lose the other "
+            f"update. Roll back and run the whole unit of work again (safe to retry), or "
+            f"declare it with `async with Session.begin()` / `session.begin()`, which begins "
+            f"IMMEDIATE: it takes its turn before its first read and never conflicts.",
+            context.statement,
+            context.parameters,
+            orig,
+        )
 
     def _run_outside(
         self,

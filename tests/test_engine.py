@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import event, func, insert, select, text
+from sqlalchemy import delete, event, func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
@@ -352,10 +352,15 @@ async def test_second_transaction_in_the_same_task_fails_fast_instead_of_deadloc
     try:
         await reset_schema(engine)
         async with Session() as outer:
-            await outer.execute(select(User))
+            await outer.execute(select(User))  # a read: a snapshot, no writer turn
             async with Session() as inner:
+                assert (await inner.scalars(select(User))).all() == []  # reads never wait
+            outer.add(User(name="outer"))
+            await outer.flush()  # the first write takes the writer turn
+            async with Session() as inner:
+                inner.add(User(name="inner"))
                 with pytest.raises(asyncorm.SQLiteWriteLockError, match=r"would deadlock"):
-                    await inner.execute(select(User))
+                    await inner.flush()
         # both sessions closed: the lock is free again
         async with Session() as session:
             assert (await session.scalars(select(User))).all() == []
@@ -374,7 +379,8 @@ async def test_waiting_too_long_for_the_write_lock_names_the_holder(tmp_path: Pa
 
         async def holder() -> None:
             async with Session() as session:
-                await session.execute(select(User))
+                session.add(User(name="holder"))
+                await session.flush()
                 holding.set()
                 await done.wait()
 
@@ -385,7 +391,7 @@ async def test_waiting_too_long_for_the_write_lock_names_the_holder(tmp_path: Pa
                 asyncorm.SQLiteWriteLockTimeout,
                 match=r"Waited 0.2s for the write lock.*task 'slow-holder' has held it",
             ):
-                await session.execute(select(User))
+                await session.execute(delete(User))
         done.set()
         await task
     finally:
@@ -397,7 +403,7 @@ async def test_autocommit_connections_take_no_lock(tmp_path: Path) -> None:
     try:
         await reset_schema(engine)
         async with engine.connect() as writer:
-            await writer.execute(select(1))  # holds the write lock until returned
+            await writer.execute(insert(User).values(name="w"))  # holds the writer turn
             auto = await engine.connect()
             try:
                 auto = await auto.execution_options(isolation_level="AUTOCOMMIT")

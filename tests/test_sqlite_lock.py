@@ -62,14 +62,6 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-class OpenerRecordingSession(asyncorm.AsyncSession):
-    """Records the task that opened it, as ``asyncorm.AsyncSession`` is to do itself."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._asyncorm_opened_by = asyncio.current_task()
-
-
 BUMP = text("UPDATE counter SET n = n + 1")
 
 
@@ -100,7 +92,7 @@ async def test_a_first_statement_run_through_wait_for_leaves_the_lock_with_the_s
 ) -> None:
     """On Python 3.11 ``asyncio.wait_for`` runs the statement in a helper task, which has
     finished by the time the owner opens a second session."""
-    Session = asyncorm.async_sessionmaker(engine, class_=OpenerRecordingSession)
+    Session = asyncorm.async_sessionmaker(engine)
     async with Session() as first:
         await asyncio.wait_for(first.execute(BUMP), 5)
         async with Session() as second:
