@@ -381,8 +381,12 @@ def _keep_connection_on_cancel(context: ExceptionContext) -> None:
         and not connection.closed
         and not connection.invalidated
     ):
+        try:
+            info = connection.info
+        except NotImplementedError:
+            return  # the engine's first connect (SQLAlchemy's ad-hoc proxy): let it go
         context.is_disconnect = False
-        connection.info[_SUSPECT] = True
+        info[_SUSPECT] = True
 
 
 def _rolled_back(dbapi_connection: Any) -> bool:

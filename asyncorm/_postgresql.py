@@ -35,10 +35,11 @@ one round trip instead of three (BEGIN, SELECT, ROLLBACK), and the first other s
 flush, ``FOR UPDATE``, ``text()``, ``exec_driver_sql()``, a savepoint) sends BEGIN first, so
 everything from there on is one atomic transaction, as usual. What SQL text cannot show is
 not seen: a view over a function that writes, or a table column name that PostgreSQL
-resolves as a function call. A read-only transaction (``postgresql_readonly``, a session with
-``read_only=True``) defers its plain reads too, and begins ``READ ONLY`` at its first other
-statement. Transactions under another isolation level or with ``postgresql_deferrable``
-always begin at once, and so do those
+resolves as a function call. Transactions under another isolation level, read-only ones
+(``postgresql_readonly``, a session with ``read_only=True``: the server enforces them) or
+with ``postgresql_deferrable`` always begin at once, and so do those of a connection whose
+search path holds a function named like one the judge trusts (``public.lower(bigint)``, an
+overload PostgreSQL may pick over its own), and those
 of a connection whose session default is another isolation level (a ``connect`` listener's
 ``SET SESSION CHARACTERISTICS``, ``ALTER DATABASE/ROLE ... SET
 default_transaction_isolation``): the default is read once per physical connection.
@@ -63,7 +64,7 @@ from . import _asyncpg
 from ._cancellation import wait_to_completion
 from ._errors import ConfigurationError, ReadOnlySessionError
 from ._options import READ_ONLY
-from ._plainread import is_plain_read
+from ._plainread import SAFE_CALLS, is_plain_read
 
 __all__ = ["prepare"]
 
@@ -215,9 +216,8 @@ class _DeferredBegin:
         if _changes_default(statement):
             pooled.info.pop(_SESSION_ISOLATION, None)  # ask the server again, next time
         adapter: Any = pooled.dbapi_connection
-        # a READ ONLY transaction's plain reads defer too: outside a block, they read the
-        # same rows and write nothing either; its first other statement sends BEGIN READ ONLY
-        if adapter is None or adapter.autocommit or adapter.deferrable:
+        # a READ ONLY transaction begins at once: the server, not the judge, enforces it
+        if adapter is None or adapter.autocommit or adapter.readonly or adapter.deferrable:
             return False
         if adapter.driver_connection.is_in_transaction():
             return False  # the transaction is real already
@@ -257,16 +257,31 @@ def _changes_default(statement: str) -> bool:
     )
 
 
+_SHADOWED = "shadowed"
+"""A pseudo level: a function of the connection's search path outside pg_catalog has the
+name of a function the judge trusts (an overload or a shadow that may write): no deferral."""
+
+_ASK = (
+    "SELECT current_setting('default_transaction_isolation'), EXISTS ("
+    "SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n "
+    "ON n.oid = p.pronamespace WHERE n.nspname <> 'pg_catalog' "
+    "AND n.nspname = ANY (pg_catalog.current_schemas(true)) "
+    "AND p.proname = ANY (ARRAY[{names}]::text[]))"
+).format(names=", ".join(f"'{name}'" for name in sorted(SAFE_CALLS)))
+
+
 def _session_isolation(adapter: Any) -> str:
-    """The connection's default isolation level, asked outside any transaction block."""
+    """The connection's default isolation level, asked outside any transaction block, or
+    :data:`_SHADOWED` when a function on its search path (``public.lower(bigint)``) could
+    be picked instead of PostgreSQL's own for a name the plain-read judge trusts."""
     adapter.autocommit = True  # no BEGIN before it
     try:
         cursor = adapter.cursor()
         try:
-            cursor.execute("SHOW default_transaction_isolation")
+            cursor.execute(_ASK)
             row = cursor.fetchone()
         finally:
             cursor.close()
     finally:
         adapter.autocommit = False
-    return str(row[0])
+    return _SHADOWED if row[1] else str(row[0])

@@ -384,8 +384,10 @@ async def _commit_in_two_phases(
     try:
         if sync_session.new or sync_session.deleted or sync_session.dirty:
             await _AsyncBase.flush(session)
-        if task is not None and task.cancelling() > requested:
-            await asyncio.sleep(0)  # a cancellation not delivered yet: it lands here
+        if task is not None and task.cancelling():
+            # a cancellation requested before this commit or during the flush and not
+            # delivered yet (nothing awaited since): it lands here, before COMMIT
+            await asyncio.sleep(0)
     except BaseException as exc:
         cleanup = on_flush_error(exc)
         if cleanup is not None:

@@ -61,7 +61,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_session
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionOrigin
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql import CompoundSelect, Select
 from sqlalchemy.util import await_
 
 from ._aiosqlite import OneTripConnection, OneTripDBAPI
@@ -172,6 +172,16 @@ _is_library: dict[Any, bool] = {}
 """Code objects of SQLAlchemy, asyncio and asyncorm, skipped when naming the user's code."""
 
 
+def _run(cursor: Any, statement: str, parameters: tuple[Any, ...]) -> None:
+    """Execute as SQLAlchemy's do_execute/do_executemany/do_execute_no_params would."""
+    if len(parameters) == 2:
+        cursor.executemany(statement, parameters[0])
+    elif parameters:
+        cursor.execute(statement, parameters[0])
+    else:
+        cursor.execute(statement)
+
+
 _Location = tuple[str, int, str]
 """A place in the user's code: file, line, function."""
 
@@ -225,7 +235,7 @@ def _session_began(session: Session, transaction: SessionTransaction, connection
         info[_DECLARED] = transaction.origin is SessionTransactionOrigin.BEGIN
 
 
-_FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*(\w+)", re.DOTALL)
+_FIRST_WORD = re.compile(r"(?:\s|--[^\n]*|/\*.*?\*/|\()*(\w+)", re.DOTALL)
 _DML_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
 _READ_WORDS = frozenset({"select", "values", "explain"})
 _PRAGMA = re.compile(r"\s*PRAGMA\s+(?:\w+\s*\.\s*)?(\w+)\s*(;|$|\(|=)?", re.IGNORECASE)
@@ -256,7 +266,11 @@ def _text_writes(sql: str) -> bool:
             return True
         name, follows = pragma.group(1).lower(), pragma.group(2)
         # "PRAGMA name" reports; "PRAGMA name = v" and "PRAGMA name(v)" set (but the queries)
-        return (follows in ("=", "(") and name not in _PRAGMA_QUERIES) or name == "optimize"
+        return (follows in ("=", "(") and name not in _PRAGMA_QUERIES) or name in (
+            "optimize",
+            "incremental_vacuum",
+            "shrink_memory",
+        )
     return True
 
 
@@ -266,8 +280,10 @@ def _writes(context: Any, statement: str) -> bool:
     if context.isinsert or context.isupdate or context.isdelete or context.isddl:
         return True
     compiled = context.compiled
-    if compiled is not None and not isinstance(compiled.statement, TextClause):
-        return False  # a SELECT (or another selectable) built with SQLAlchemy
+    if compiled is not None and isinstance(compiled.statement, Select | CompoundSelect):
+        return False  # a SELECT built with SQLAlchemy (ORM selects included)
+    # text(), text().columns() (which may be UPDATE ... RETURNING), exec_driver_sql(), a
+    # construct of the user's own: judged by the SQL that is sent
     return _text_writes(statement)
 
 
@@ -392,12 +408,14 @@ class _SQLiteProfile:
         task = asyncio.current_task()
         info[_OPENED_BY] = None if task is None else weakref.ref(task)
         info[_SESSION] = None
+        info[_DECLARED] = False
 
     def _on_checkin(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
         if dbapi_connection is None:
             return  # invalidated: released then
         if isinstance(dbapi_connection, OneTripConnection):
             dbapi_connection.discard_queued_begin()
+            dbapi_connection.snapshot_only = False
         self._release(dbapi_connection)
 
     def _on_invalidate(
@@ -432,9 +450,20 @@ class _SQLiteProfile:
         if one_trip:
             if adapter.transaction_started:  # type: ignore[union-attr]
                 if adapter.snapshot_only:  # type: ignore[union-attr]
-                    self._before_snapshot_statement(adapter, conn, statement, context)  # type: ignore[arg-type]
+                    return self._before_snapshot_statement(
+                        adapter,  # type: ignore[arg-type]
+                        conn,
+                        cursor,
+                        statement,
+                        parameters,
+                        context,
+                    )
+                if context.execution_options.get(READ_ONLY) and _writes(context, statement):
+                    raise self._read_only(statement)  # a read-only IMMEDIATE (in memory)
                 return False
         elif fairy.driver_connection.in_transaction:  # type: ignore[union-attr]
+            if context.execution_options.get(READ_ONLY) and _writes(context, statement):
+                raise self._read_only(statement)
             return False
         if self.autocommit or conn.get_execution_options().get("isolation_level") == (
             "AUTOCOMMIT"
@@ -442,24 +471,28 @@ class _SQLiteProfile:
             return False
         special = _SPECIAL.match(statement)
         read_only = context.execution_options.get(READ_ONLY, False)
-        if read_only or (one_trip and self.wal and special is None):
+        slot = self._slot()
+        holding = slot.holding
+        acquire = holding is None or holding.key is not adapter
+        if read_only or (one_trip and self.wal and special is None and acquire):
+            # (a connection that still holds the turn, a Core connection between its
+            # transactions, begins IMMEDIATE: it would only wait for itself later)
             writes = _writes(context, statement)
             if read_only and writes:
                 raise self._read_only(statement)
             deferred = one_trip and self.wal and special is None and not writes
-            if deferred and not conn.info.get(_DECLARED):
+            if deferred and (read_only or not conn.info.get(_DECLARED)):
                 adapter.snapshot_only = True  # type: ignore[union-attr]
                 adapter.queue_begin("BEGIN")  # type: ignore[union-attr]
                 return False
-        slot = self._slot()
-        holding = slot.holding
-        acquire = holding is None or holding.key is not adapter
         if special is not None and special.lastgroup == "outside":
             self._run_outside(slot, conn, cursor, statement, parameters, acquire=acquire)
             return True
         if acquire:
             self._acquire(slot, conn)
         if special is not None:
+            if one_trip:
+                adapter.snapshot_only = False  # type: ignore[union-attr]
             return False  # the user's own BEGIN begins the transaction
         if one_trip:
             # sent with this statement, in the same trip to the driver's thread
@@ -476,20 +509,45 @@ class _SQLiteProfile:
         return False
 
     def _before_snapshot_statement(
-        self, adapter: OneTripConnection, conn: Connection, statement: str, context: Any
-    ) -> None:
+        self,
+        adapter: OneTripConnection,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: tuple[Any, ...],
+        context: Any,
+    ) -> bool:
         """A statement in a transaction begun deferred: its first write takes the turn.
 
-        SQLite then upgrades the snapshot to a write transaction, or refuses with
+        SQLite then upgrades the snapshot to a write transaction, or refuses: with
         SQLITE_BUSY_SNAPSHOT when another transaction committed since the snapshot began
-        (turned into :class:`~asyncorm.WriteConflictError` by ``_on_error``).
+        (turned into :class:`~asyncorm.WriteConflictError` by ``_on_error``), or with
+        SQLITE_BUSY, without calling its busy handler, while another process holds the
+        database's write lock: then the statement (which did nothing) is tried again until
+        that process is done or the engine's timeout has passed. Returns True when the
+        statement was run here.
         """
         if not _writes(context, statement):
-            return
+            return False
         if context.execution_options.get(READ_ONLY, False):
             raise self._read_only(statement)
-        self._acquire(self._slot(), conn)
+        slot = self._slot()
+        holding = slot.holding
+        if holding is None or holding.key is not adapter:
+            self._acquire(slot, conn)
         adapter.snapshot_only = False
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            try:
+                _run(cursor, statement, parameters)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                await_(asyncio.sleep(pause))  # another process writes: wait as SQLite would
+                pause = min(pause * 2, 0.05)
+                continue
+            return True
 
     def _read_only(self, statement: str) -> ReadOnlySessionError:
         shown = " ".join(statement.split())
@@ -533,12 +591,7 @@ class _SQLiteProfile:
         if acquire:
             self._acquire(slot, conn)
         try:
-            if len(parameters) == 2:
-                cursor.executemany(statement, parameters[0])
-            elif parameters:
-                cursor.execute(statement, parameters[0])
-            else:
-                cursor.execute(statement)
+            _run(cursor, statement, parameters)
         except Exception:
             if acquire:
                 self._release(conn.connection.dbapi_connection)

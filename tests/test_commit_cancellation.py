@@ -403,3 +403,28 @@ async def test_a_commit_hook_that_fails_reports_the_error(Session: SessionFactor
     with pytest.raises(LookupError, match="refused by before_commit"):
         await refused()
     assert await names(Session) == ["kept"]
+
+
+# -- found in review -----------------------------------------------------------------------------
+
+
+async def test_a_cancellation_pending_when_commit_starts_rolls_back(
+    engine: AsyncEngine, backend: Backend
+) -> None:
+    """Requested before commit() began (a timeout or task group landing in the same loop
+    iteration as the flush's result), not yet delivered: COMMIT must not be sent."""
+    Session = asyncorm.async_sessionmaker(engine)
+
+    async def work() -> None:
+        async with Session() as session:
+            session.add(User(name="pending"))
+            await session.flush()  # nothing left to flush at commit
+            current = asyncio.current_task()
+            assert current is not None
+            current.cancel()
+            await session.commit()
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(work())
+    async with Session() as session:
+        assert (await session.scalars(select(User.name))).all() == []

@@ -318,3 +318,51 @@ def test_the_text_judge_sees_every_call(sql: str, plain: bool) -> None:
     from asyncorm._plainread import plain_text
 
     assert plain_text(sql) is plain
+
+
+# -- found in review: a trusted function name that resolves elsewhere ---------------------------
+
+
+SHADOW = """
+CREATE OR REPLACE FUNCTION public.lower(bigint) RETURNS bigint LANGUAGE sql VOLATILE AS $$
+    INSERT INTO users (name) VALUES ('written by lower(bigint)'); SELECT $1 $$
+"""
+
+
+@pytest.fixture
+async def shadowed() -> AsyncIterator[AsyncEngine]:
+    """An overload of a name the plain-read judge trusts (``lower``) that writes: PostgreSQL
+    picks it for a bigint argument (pg_catalog has only ``lower(text)``)."""
+    engine = asyncorm.create_engine(postgres_url())
+    await reset_schema(engine)
+    async with engine.begin() as conn:
+        await conn.execute(text(SHADOW))
+    try:
+        yield engine
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP FUNCTION IF EXISTS public.lower(bigint)"))
+        await engine.dispose()
+
+
+async def test_a_write_through_a_shadowing_overload_is_rolled_back(shadowed: AsyncEngine) -> None:
+    Session = asyncorm.async_sessionmaker(shadowed)
+    async with Session() as session:
+        assert (await session.execute(select(func.lower(func.count(User.id))))).scalar() == 0
+        await session.rollback()
+    async with Session() as session:
+        assert await session.scalar(select(func.count(User.id))) == 0
+
+
+async def test_a_read_only_session_cannot_write_through_a_judged_plain_read(
+    shadowed: AsyncEngine,
+) -> None:
+    Session = asyncorm.async_sessionmaker(shadowed, read_only=True)
+    async with Session() as session:
+        with pytest.raises(
+            asyncorm.ReadOnlySessionError,
+            match=r"This session is read-only \(read_only=True\), and PostgreSQL refused",
+        ):
+            await session.execute(select(func.lower(func.count(User.id))))
+    async with asyncorm.async_sessionmaker(shadowed)() as session:
+        assert await session.scalar(select(func.count(User.id))) == 0

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -239,5 +239,37 @@ async def test_a_read_right_after_pg_terminate_backend_runs_on_a_fresh_connectio
             await direct.scalar(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
             async with Session() as session:
                 assert await session.scalar(select(func.pg_backend_pid())) != pid
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancellation_during_the_engines_first_connect_stays_a_cancellation() -> None:
+    """SQLAlchemy's first-connect proxy has no ``info``: the cancellation listener must not
+    turn a cancellation there into a NotImplementedError (which the dialect swallows, leaving
+    itself half set up, and the caller with a TypeError)."""
+    engine = asyncorm.create_engine(postgres_url())
+    fired: list[bool] = []
+
+    def cancel_during_setup(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        if "version()" in statement and not fired:
+            fired.append(True)
+            current = asyncio.current_task()
+            assert current is not None
+            current.cancel()
+        return False
+
+    event.listen(engine.sync_engine.dialect, "do_execute", cancel_during_setup)
+
+    async def use() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(use())
+        assert fired
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT 1")) == 1
+        assert engine.sync_engine.dialect.server_version_info is not None
     finally:
         await engine.dispose()

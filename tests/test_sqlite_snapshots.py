@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import asyncorm
-from tests.conftest import Backend, capture_sql, reset_schema
+from tests.conftest import Backend, reset_schema
 from tests.models import Account, Address, Base, User
 
 SessionFactory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
@@ -265,17 +266,6 @@ async def test_a_read_only_session_refuses_writes(engine: AsyncEngine, backend: 
         assert (await session.scalars(select(User.name))).all() == ["ann"]
 
 
-@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-async def test_a_read_only_session_on_postgresql_still_sends_one_trip_per_read(
-    engine: AsyncEngine, backend: Backend
-) -> None:
-    """Its plain reads keep the deferred BEGIN (no BEGIN READ ONLY before them)."""
-    async with asyncorm.async_sessionmaker(engine, read_only=True)() as session:
-        with capture_sql(engine) as statements:
-            await session.get(User, 1)
-    assert len(statements) == 1, statements
-
-
 # -- foreign keys ------------------------------------------------------------------------------
 
 
@@ -299,3 +289,149 @@ async def test_foreign_keys_are_enforced_unless_switched_off(tmp_path: Path) -> 
             await engine.dispose()
     with pytest.raises(asyncorm.ConfigurationError, match=r"sqlite_foreign_keys must be True"):
         asyncorm.create_engine("sqlite://", sqlite_foreign_keys="off")
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+
+async def test_a_core_connection_keeps_working_across_its_transactions(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    """A Core connection holds the writer turn until it is returned: its next transaction,
+    reading first, must not wait for the turn it holds itself."""
+    async with sqlite_engine.connect() as conn:
+        await conn.execute(update(Account).filter_by(id=1).values(balance=1))
+        await conn.commit()
+        assert await conn.scalar(select(Account.balance).filter_by(id=1)) == 1
+        await conn.execute(update(Account).filter_by(id=1).values(balance=2))
+        await conn.commit()
+    Session = asyncorm.async_sessionmaker(sqlite_engine)
+    async with Session() as session:  # retrying in the same session after a conflict
+        await session.get(Account, 2)
+        async with Session.begin() as other:
+            await other.execute(update(Account).filter_by(id=2).values(balance=0))
+        with pytest.raises(asyncorm.WriteConflictError):
+            await session.execute(update(Account).filter_by(id=2).values(balance=5))
+        await session.rollback()
+        await session.get(Account, 2)
+        await session.execute(update(Account).filter_by(id=2).values(balance=7))
+        await session.commit()
+    assert await balances(Session) == 100 * 8 + 2 + 7
+
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("BEGIN IMMEDIATE")
+c.execute("UPDATE accounts SET balance = balance WHERE id = 3")
+print("held", flush=True)
+sys.stdin.readline()
+c.execute("ROLLBACK")
+"""
+
+
+async def test_a_snapshots_first_write_waits_for_another_process(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    """SQLite calls no busy handler when a read transaction starts writing: asyncorm waits for
+    the other process (up to the engine's timeout) instead of failing at once."""
+    path = sqlite_engine.url.database
+    assert path is not None
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_WRITE_LOCK, path,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert other.stdout is not None
+    assert other.stdin is not None
+    assert await other.stdout.readline() == b"held\n"
+    Session = asyncorm.async_sessionmaker(sqlite_engine)
+    async with Session() as session:
+        account = await session.get(Account, 3)
+        assert account is not None
+        account.balance += 1
+        flushing = asyncio.create_task(session.flush())
+        done, _ = await asyncio.wait({flushing}, timeout=0.2)  # still waiting: not failed
+        assert not done
+        other.stdin.write(b"go\n")  # the other process rolls back
+        await flushing
+        await session.commit()
+    assert await other.wait() == 0
+    assert await balances(Session) == 1001
+
+
+async def test_textual_select_and_compiled_constructs_are_judged_by_their_sql(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    update_returning = text("UPDATE accounts SET balance = 0 WHERE id = 4 RETURNING id").columns(
+        Account.id
+    )
+    Session = asyncorm.async_sessionmaker(sqlite_engine)
+    async with Session(read_only=True) as session:
+        with pytest.raises(asyncorm.ReadOnlySessionError, match="UPDATE accounts"):
+            await session.execute(update_returning)
+    async with Session() as session:
+        await session.execute(update_returning)  # a write: takes the writer turn
+        async with Session() as other:
+            other.add(User(name="x"))
+            with pytest.raises(asyncorm.SQLiteWriteLockError, match="would deadlock"):
+                await other.flush()
+
+
+@pytest.mark.parametrize("database", ["file", "memory"])
+async def test_a_read_only_unit_of_work_refuses_writes_after_its_first_statement(
+    tmp_path: Path, database: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ro.db'}" if database == "file" else "sqlite://"
+    engine = asyncorm.create_engine(url)
+    try:
+        await reset_schema(engine)
+        Session = asyncorm.async_sessionmaker(engine, read_only=True)
+        for begin in (False, True):
+            async with Session() as session:
+                if begin:
+                    await session.begin()
+                assert await session.scalar(select(func.count(User.id))) == 0
+                with pytest.raises(asyncorm.ReadOnlySessionError):
+                    await session.execute(insert(User).values(name="w"))
+        async with asyncorm.async_sessionmaker(engine)() as session:
+            assert await session.scalar(select(func.count(User.id))) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_pooled_connections_forget_the_last_transactions_kind(tmp_path: Path) -> None:
+    """A connection last used by a declared unit of work, or by a snapshot, does not make the
+    next user's transaction IMMEDIATE or a snapshot: with one pooled connection, a Core read
+    after a Session.begin() reads without the writer turn, and a user's own BEGIN after a
+    snapshot session takes it."""
+    engine = asyncorm.create_engine(f"sqlite:///{tmp_path / 'one.db'}", pool_size=1)
+    try:
+        await reset_schema(engine)
+        Session = asyncorm.async_sessionmaker(engine)
+        async with Session.begin() as session:
+            session.add(User(id=1, name="a"))
+        async with Session() as writer:
+            writer.add(User(id=2, name="b"))
+            await writer.flush()  # holds the writer turn (the pool's overflow connection)
+            async with engine.connect() as conn:  # the declared unit's pooled connection
+                assert await conn.scalar(select(func.count(User.id))) == 1
+            await writer.rollback()
+        async with Session(read_only=True) as session:
+            await session.get(User, 1)
+        async with engine.connect() as conn:  # the read-only session's pooled connection
+            await conn.exec_driver_sql("BEGIN")
+            await conn.exec_driver_sql("UPDATE users SET name = 'c' WHERE id = 1")
+            await conn.commit()
+    finally:
+        await engine.dispose()
+
+
+def test_incremental_vacuum_is_a_write_and_odd_sql_is_judged_at_once() -> None:
+    from asyncorm._sqlite import _text_writes
+
+    assert _text_writes("PRAGMA incremental_vacuum")
+    assert _text_writes("PRAGMA optimize")
+    assert not _text_writes("PRAGMA table_info(users)")
+    assert not _text_writes("/* c */ -- x\n (SELECT 1)")
+    assert _text_writes(" " * 5000 + ";")  # linear, not exponential, on no match
+    assert _text_writes("/* unterminated" + " " * 5000)
