@@ -80,20 +80,8 @@ def _w1(concurrency: int) -> Case:
                 with make_sync() as session:
                     session.get(Item, pks[i])
 
-        elif contender == RAW:
-            raw = bench.raw
-            sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
-
-            async def op(i: int) -> None:
-                async with raw.connection() as conn:
-                    await conn.fetch(sql, pks[i])
-
         else:
-            make = bench.factory(contender)
-
-            async def op(i: int) -> None:
-                async with make() as session:
-                    await session.get(Item, pks[i])
+            op = _request(bench, contender, pks, think=0.0)
 
         async def run() -> int:
             return await spread(len(pks), concurrency, op, errors)
@@ -103,6 +91,31 @@ def _w1(concurrency: int) -> Case:
     if concurrency == 1:
         return Case("W1", "request read, 1 task", "sessions", build, _WITH_SYNC, target=0.5)
     return Case("W1", f"request read, {concurrency} tasks", "sessions", build, target=0.5)
+
+
+def _request(bench: Bench, contender: str, pks: list[int], *, think: float) -> Op:
+    """W1's and W8's operation: a pooled connection (raw) or a new session, the read of one
+    item by primary key, then ``think`` seconds of other awaited work (none when 0)."""
+    if contender == RAW:
+        raw = bench.raw
+        sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
+
+        async def raw_op(i: int) -> None:
+            async with raw.connection() as conn:
+                await conn.fetch(sql, pks[i])
+                if think:
+                    await asyncio.sleep(think)
+
+        return raw_op
+    make = bench.factory(contender)
+
+    async def orm_op(i: int) -> None:
+        async with make() as session:
+            await session.get(Item, pks[i])
+            if think:
+                await asyncio.sleep(think)
+
+    return orm_op
 
 
 # -- W2: read-modify-write ----------------------------------------------------------------------
@@ -357,6 +370,16 @@ def _w5() -> Case:
 # -- W6: SQLite concurrent transfers -------------------------------------------------------------
 
 
+async def _move(session: AsyncSession, src: int, dst: int, amount: int) -> None:
+    """W6's transfer inside a session: read both accounts, move ``amount``."""
+    a = await session.get(Account, src)
+    b = await session.get(Account, dst)
+    assert a is not None
+    assert b is not None
+    a.balance -= amount
+    b.balance += amount
+
+
 def _w6(declared: bool) -> Case:
     """One operation: a transfer transaction between two of ``sizes.accounts`` accounts.
 
@@ -398,24 +421,14 @@ def _w6(declared: bool) -> Case:
 
             async def transfer(src: int, dst: int, amount: int) -> None:
                 async with make_declared.begin() as session:
-                    a = await session.get(Account, src)
-                    b = await session.get(Account, dst)
-                    assert a is not None
-                    assert b is not None
-                    a.balance -= amount
-                    b.balance += amount
+                    await _move(session, src, dst, amount)
 
         else:
             make = bench.factory(contender)
 
             async def transfer(src: int, dst: int, amount: int) -> None:
                 async with make() as session:
-                    a = await session.get(Account, src)
-                    b = await session.get(Account, dst)
-                    assert a is not None
-                    assert b is not None
-                    a.balance -= amount
-                    b.balance += amount
+                    await _move(session, src, dst, amount)
                     await session.commit()
 
         async def setup() -> None:
@@ -465,23 +478,7 @@ def _w8(think_ms: int) -> Case:
     def build(bench: Bench, contender: str) -> Trial:
         pks = bench.sample(bench.sizes.think_requests, seed=8)
         errors = OpErrors()
-        op: Op
-        if contender == RAW:
-            raw = bench.raw
-            sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
-
-            async def op(i: int) -> None:
-                async with raw.connection() as conn:
-                    await conn.fetch(sql, pks[i])
-                    await asyncio.sleep(think)
-
-        else:
-            make = bench.factory(contender)
-
-            async def op(i: int) -> None:
-                async with make() as session:
-                    await session.get(Item, pks[i])
-                    await asyncio.sleep(think)
+        op = _request(bench, contender, pks, think=think)
 
         async def run() -> int:
             return await spread(len(pks), 20, op, errors)
