@@ -37,7 +37,6 @@ import select
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -78,7 +77,12 @@ def install(engine: AsyncEngine) -> None:
 def _do_connect(
     dialect: Dialect, record: ConnectionPoolEntry, cargs: list[Any], cparams: dict[str, Any]
 ) -> None:
-    cparams["async_creator_fn"] = in_own_context(cparams.get("async_creator_fn", asyncpg.connect))
+    connect = cparams.get("async_creator_fn")
+    if connect is None:
+        import asyncpg  # here: asyncorm[sqlite] alone imports without it
+
+        connect = asyncpg.connect
+    cparams["async_creator_fn"] = in_own_context(connect)
 
 
 class _Watch(asyncio.Protocol):

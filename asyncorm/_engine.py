@@ -10,7 +10,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import _cancellation, _loops, _postgresql, _sqlite
+from . import _cancellation, _loops
 from ._errors import ConfigurationError
 
 __all__ = ["create_engine", "redact_url"]
@@ -129,7 +129,8 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         )
     _require_driver(driver, extra, shown)
     parsed = parsed.set(drivername=f"{backend}+{driver}")
-    profile = _sqlite if backend == "sqlite" else _postgresql
+    # the profile's module imports its driver: imported only once the driver is known present
+    profile = importlib.import_module(f"asyncorm._{backend}")
     parsed, engine_kwargs, install = profile.prepare(parsed, dict(kwargs))
     # reset-on-return is done by asyncorm's listener, which survives a cancellation
     # without discarding the connection (see _cancellation)

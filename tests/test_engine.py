@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -500,3 +501,26 @@ async def test_sqlite_connection_returned_inside_a_transaction_is_rolled_back(
             assert await conn.scalar(select(func.count()).select_from(User)) == 0
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("missing", "other_url"),
+    [("asyncpg", "sqlite://"), ("aiosqlite", "postgresql://app@db/app")],
+)
+def test_each_extra_works_without_the_other_driver(missing: str, other_url: str) -> None:
+    """``pip install 'asyncorm[sqlite]'`` has no asyncpg (and ``[postgresql]`` no aiosqlite):
+    importing asyncorm and creating the other backend's engine must not need it."""
+    script = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "import asyncorm\n"
+        f"asyncorm.create_engine({other_url!r})\n"
+        "try:\n"
+        f"    asyncorm.create_engine({'sqlite://' if missing == 'aiosqlite' else 'postgresql://a@b/c'!r})\n"
+        "except asyncorm.ConfigurationError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"needs the {missing} driver, which is not installed" in done.stdout
