@@ -136,7 +136,7 @@ class OneTripSSCursor(AsyncAdapt_aiosqlite_ss_cursor):
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     """SQLAlchemy's aiosqlite connection adapter with one-trip cursors and a queued BEGIN."""
 
-    __slots__ = ("_begun", "_queued_begin", "on_transaction_end", "snapshot_only")
+    __slots__ = ("_begun", "_queued_begin", "on_transaction_end", "read_since", "snapshot_only")
 
     _cursor_cls = OneTripCursor
     _ss_cursor_cls = OneTripSSCursor
@@ -150,6 +150,9 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
         self.on_transaction_end: Callable[[OneTripConnection], None] | None = None
         """Called after each COMMIT or ROLLBACK that completed (or had nothing to end); the
         SQLite profile sets it on a detached connection, which no pool checkin ends."""
+        self.read_since: int | None = None
+        """Set by the SQLite profile on an in-memory database, whose reads run outside a
+        transaction: the engine's write generation at the transaction's first read."""
         self.snapshot_only = False
         """Set by the SQLite profile for a transaction begun deferred (a read snapshot) that
         has not taken the engine's writer turn yet; meaningful while a transaction is on."""
@@ -215,6 +218,7 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
 
     def rollback(self) -> None:
         self._queued_begin = None
+        self.read_since = None
         # no BEGIN sent: nothing to roll back, and no trip for sqlite3's no-op
         if self.may_be_in_transaction:
             self._end(super().rollback)
@@ -223,6 +227,7 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
 
     def commit(self) -> None:
         self._queued_begin = None
+        self.read_since = None
         if self.may_be_in_transaction:
             self._end(super().commit)
         if self.on_transaction_end is not None:

@@ -96,7 +96,8 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
       ``BEGIN IMMEDIATE``. Concurrent read-modify-write transactions neither lose updates
       nor fail with "database is locked" (a stale snapshot's write raises
       :class:`~asyncorm.WriteConflictError`). ``sqlite://`` is an in-memory database shared
-      by the engine's connections, each with its own transaction (every one IMMEDIATE).
+      by the engine's connections, each with its own transaction (there, without WAL, reads
+      run outside the transaction until its first write).
     * PostgreSQL: asyncpg with ``pool_pre_ping=True``.
 
     Keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine` and win over

@@ -191,7 +191,8 @@ class WriteConflictError(AsyncORMError, sa_exc.OperationalError):
     snapshot and take no writer turn, so sessions that only read never wait. If another
     transaction commits a write after this one's first read, this one's first write is
     refused (SQLite's ``SQLITE_BUSY_SNAPSHOT``) instead of silently overwriting what it did
-    not see. The whole unit of work is safe to retry: roll back and run it again, or declare
+    not see (on ``sqlite://``, without WAL, asyncorm itself refuses a first write that
+    follows another transaction's write). The whole unit of work is safe to retry: roll back and run it again, or declare
     it with ``async with Session.begin()``, which begins IMMEDIATE and never conflicts.
 
     Example::
@@ -209,7 +210,9 @@ class WriteConflictError(AsyncORMError, sa_exc.OperationalError):
     .. versionadded:: 0.2
     """
 
-    def __init__(self, message: str, statement: str | None, params: Any, orig: BaseException):
+    def __init__(
+        self, message: str, statement: str | None, params: Any, orig: BaseException
+    ) -> None:
         super().__init__(statement, params, orig)
         self.message = message
 

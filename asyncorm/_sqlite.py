@@ -350,6 +350,7 @@ class _SQLiteProfile:
         self.timeout = timeout
         self.autocommit = autocommit
         self.wal = wal  # a WAL file: transactions that read begin deferred, on a snapshot
+        self._generation = 0  # writer turns ended so far (see OneTripConnection.read_since)
         self.pragmas = [f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}"]
         if wal:
             self.pragmas += ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"]
@@ -416,6 +417,7 @@ class _SQLiteProfile:
         if isinstance(dbapi_connection, OneTripConnection):
             dbapi_connection.discard_queued_begin()
             dbapi_connection.snapshot_only = False
+            dbapi_connection.read_since = None
         self._release(dbapi_connection)
 
     def _on_invalidate(
@@ -474,22 +476,33 @@ class _SQLiteProfile:
         slot = self._slot()
         holding = slot.holding
         acquire = holding is None or holding.key is not adapter
-        if read_only or (one_trip and self.wal and special is None and acquire):
+        if read_only or (one_trip and special is None and acquire):
             # (a connection that still holds the turn, a Core connection between its
             # transactions, begins IMMEDIATE: it would only wait for itself later)
             writes = _writes(context, statement)
             if read_only and writes:
                 raise self._read_only(statement)
-            deferred = one_trip and self.wal and special is None and not writes
+            deferred = one_trip and special is None and not writes
             if deferred and (read_only or not conn.info.get(_DECLARED)):
-                adapter.snapshot_only = True  # type: ignore[union-attr]
-                adapter.queue_begin("BEGIN")  # type: ignore[union-attr]
+                if self.wal:
+                    adapter.snapshot_only = True  # type: ignore[union-attr]
+                    adapter.queue_begin("BEGIN")  # type: ignore[union-attr]
+                elif adapter.read_since is None:  # type: ignore[union-attr]
+                    # in memory, no WAL: a deferred transaction's read lock would block
+                    # every writer's COMMIT for as long as it lasts, so reads run outside a
+                    # transaction, and the first write checks nobody wrote since
+                    adapter.read_since = self._generation  # type: ignore[union-attr]
                 return False
         if special is not None and special.lastgroup == "outside":
             self._run_outside(slot, conn, cursor, statement, parameters, acquire=acquire)
             return True
         if acquire:
             self._acquire(slot, conn)
+        if one_trip and adapter.read_since is not None:  # type: ignore[union-attr]
+            if adapter.read_since != self._generation:  # type: ignore[union-attr]
+                self._release(adapter, changed=False)
+                raise self._stale_in_memory(statement)
+            adapter.read_since = None  # type: ignore[union-attr]
         if special is not None:
             if one_trip:
                 adapter.snapshot_only = False  # type: ignore[union-attr]
@@ -557,6 +570,19 @@ class _SQLiteProfile:
             f"This session or connection is read-only (read_only=True), and the statement "
             f"{shown!r} writes to the SQLite {self.label}; nothing was sent. Use a session "
             f"without read_only=True for work that writes."
+        )
+
+    def _stale_in_memory(self, statement: str) -> WriteConflictError:
+        return WriteConflictError(
+            f"Another transaction committed a write to the SQLite {self.label} after this "
+            f"transaction's first read, so asyncorm refused this transaction's first write: "
+            f"its reads may be stale, and writing could lose the other update. Roll back and "
+            f"run the whole unit of work again (safe to retry), or declare it with `async with "
+            f"Session.begin()` / `session.begin()`, which begins IMMEDIATE: it takes its turn "
+            f"before its first read and never conflicts.",
+            statement,
+            None,
+            sqlite3.OperationalError("stale read: the database changed since the first read"),
         )
 
     def _on_error(self, context: ExceptionContext) -> BaseException | None:
@@ -649,12 +675,15 @@ class _SQLiteProfile:
         async with asyncio.timeout(self.timeout):
             await slot.lock.acquire()
 
-    def _release(self, key: object) -> None:
-        """Release the lock wherever the connection ``key`` holds it."""
+    def _release(self, key: object, *, changed: bool = True) -> None:
+        """Release the lock wherever the connection ``key`` holds it; unless ``changed`` is
+        False, count a write generation (the in-memory database's stale-read check)."""
         for slot in list(self._slots.values()):
             holding = slot.holding
             if holding is not None and holding.key is key:
                 slot.holding = None
+                if changed:
+                    self._generation += 1
                 # RuntimeError: the lock's event loop is closed, so nobody can be waiting
                 with contextlib.suppress(RuntimeError):
                     slot.lock.release()

@@ -27,15 +27,33 @@ from tests.models import Account, Address, Base, User
 SessionFactory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
 
 
-@pytest.fixture
-async def sqlite_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+async def open_engine(url: str) -> AsyncEngine:
     # a short lock timeout: code that waits for the writer turn where it must not fails fast
-    engine = asyncorm.create_engine(
-        f"sqlite:///{tmp_path / 'snap.db'}", connect_args={"timeout": 2}
-    )
+    engine = asyncorm.create_engine(url, connect_args={"timeout": 2})
     await reset_schema(engine)
     async with engine.begin() as conn:
         await conn.execute(insert(Account), [{"id": i, "balance": 100} for i in range(1, 11)])
+    return engine
+
+
+@pytest.fixture(params=["file", "memory"])
+async def sqlite_engine(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    """A SQLite file (WAL: reads on a snapshot) and ``sqlite://`` (no WAL: reads outside a
+    transaction, the first write checking that nobody wrote since the first read)."""
+    url = f"sqlite:///{tmp_path / 'snap.db'}" if request.param == "file" else "sqlite://"
+    engine = await open_engine(url)
+    try:
+        yield engine
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def wal_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = await open_engine(f"sqlite:///{tmp_path / 'snap.db'}")
     try:
         yield engine
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
@@ -76,9 +94,9 @@ async def test_sessions_that_only_read_never_wait_for_each_other(
 
 
 async def test_a_reader_does_not_wait_for_a_writer_and_sees_its_snapshot(
-    sqlite_engine: AsyncEngine,
+    wal_engine: AsyncEngine,
 ) -> None:
-    Session = asyncorm.async_sessionmaker(sqlite_engine)
+    Session = asyncorm.async_sessionmaker(wal_engine)
     async with Session() as writer:
         account = await writer.get(Account, 1)
         assert account is not None
@@ -126,9 +144,10 @@ async def test_a_stale_snapshot_gets_a_write_conflict_never_a_lost_update(
         account.balance += 10  # based on a stale read: would overwrite the +50
         with pytest.raises(
             asyncorm.WriteConflictError,
-            match=r"^Another transaction committed a write to the SQLite '.+snap\.db' after "
-            r"this transaction's first read, so SQLite refused this transaction's first write "
-            r"\(SQLITE_BUSY_SNAPSHOT\): .* Roll back and run the whole unit of work again "
+            match=r"^Another transaction committed a write to the SQLite (in-memory database|"
+            r"'.+snap\.db') after this transaction's first read, so (SQLite|asyncorm) refused "
+            r"this transaction's first write.*: its reads may be stale.* Roll back and run the "
+            r"whole unit of work again "
             r"\(safe to retry\), or declare it with `async with Session\.begin\(\)`",
         ) as caught:
             await slow.commit()
@@ -331,10 +350,11 @@ c.execute("ROLLBACK")
 
 
 async def test_a_snapshots_first_write_waits_for_another_process(
-    sqlite_engine: AsyncEngine,
+    wal_engine: AsyncEngine,
 ) -> None:
     """SQLite calls no busy handler when a read transaction starts writing: asyncorm waits for
     the other process (up to the engine's timeout) instead of failing at once."""
+    sqlite_engine = wal_engine
     path = sqlite_engine.url.database
     assert path is not None
     other = await asyncio.create_subprocess_exec(
