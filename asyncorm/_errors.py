@@ -192,8 +192,9 @@ class WriteConflictError(AsyncORMError, sa_exc.OperationalError):
     transaction commits a write after this one's first read, this one's first write is
     refused (SQLite's ``SQLITE_BUSY_SNAPSHOT``) instead of silently overwriting what it did
     not see (on ``sqlite://``, without WAL, asyncorm itself refuses a first write that
-    follows another transaction's write). The whole unit of work is safe to retry: roll back and run it again, or declare
-    it with ``async with Session.begin()``, which begins IMMEDIATE and never conflicts.
+    follows another transaction's write). The whole unit of work is safe to retry: roll back
+    and run it again, or declare it with ``async with Session.begin()``, which begins
+    IMMEDIATE and never conflicts.
 
     Example::
 

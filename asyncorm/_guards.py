@@ -81,22 +81,30 @@ def leave(session: AsyncSession) -> None:
 def guarded(
     operation: str,
     method: Callable[Concatenate[AsyncSession, _P], Awaitable[_T]],
+    base: type | None = None,
 ) -> Callable[Concatenate[AsyncSession, _P], Coroutine[Any, Any, _T]]:
-    """Wrap an awaitable session member in the concurrent-use guard."""
+    """Wrap an awaitable session member in the concurrent-use guard.
+
+    With ``base``, the member is looked up on ``base`` at each call rather than once, so that
+    code patching SQLAlchemy's class (a test's ``patch.object(AsyncSession, "scalar")``)
+    reaches asyncorm's sessions too, as it would a plain subclass that does not override it.
+    """
+    name = method.__name__
 
     @functools.wraps(method)
     async def guard(self: AsyncSession, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        call = method if base is None else getattr(base, name)
         task = _current_task() or _OUTSIDE_TASKS
         owner = self._asyncorm_owner
         if owner is None:
             self._asyncorm_owner = task
             self._asyncorm_op = operation
             try:
-                return await method(self, *args, **kwargs)
+                return await call(self, *args, **kwargs)
             finally:
                 self._asyncorm_owner = self._asyncorm_op = None
         if owner is task:  # an operation calling another one, in the same task
-            return await method(self, *args, **kwargs)
+            return await call(self, *args, **kwargs)
         raise concurrent_use_error(self, task, operation)
 
     return guard

@@ -123,19 +123,19 @@ class AsyncSession(sa_asyncio.AsyncSession):
     # -- the concurrent-use guard on every awaitable member ---------------------------------
 
     if not TYPE_CHECKING:  # type checkers keep SQLAlchemy's (overloaded) signatures
-        execute = guarded("execute", _AsyncBase.execute)
-        scalar = guarded("scalar", _AsyncBase.scalar)
-        scalars = guarded("scalars", _AsyncBase.scalars)
-        stream = guarded("stream", _AsyncBase.stream)
-        stream_scalars = guarded("stream_scalars", _AsyncBase.stream_scalars)
-        delete = guarded("delete", _AsyncBase.delete)
-        delete_all = guarded("delete_all", _AsyncBase.delete_all)
-        merge = guarded("merge", _AsyncBase.merge)
-        merge_all = guarded("merge_all", _AsyncBase.merge_all)
-        flush = guarded("flush", _AsyncBase.flush)
-        refresh = guarded("refresh", _AsyncBase.refresh)
-        run_sync = guarded("run_sync", _AsyncBase.run_sync)
-        connection = guarded("connection", _AsyncBase.connection)
+        execute = guarded("execute", _AsyncBase.execute, _AsyncBase)
+        scalar = guarded("scalar", _AsyncBase.scalar, _AsyncBase)
+        scalars = guarded("scalars", _AsyncBase.scalars, _AsyncBase)
+        stream = guarded("stream", _AsyncBase.stream, _AsyncBase)
+        stream_scalars = guarded("stream_scalars", _AsyncBase.stream_scalars, _AsyncBase)
+        delete = guarded("delete", _AsyncBase.delete, _AsyncBase)
+        delete_all = guarded("delete_all", _AsyncBase.delete_all, _AsyncBase)
+        merge = guarded("merge", _AsyncBase.merge, _AsyncBase)
+        merge_all = guarded("merge_all", _AsyncBase.merge_all, _AsyncBase)
+        flush = guarded("flush", _AsyncBase.flush, _AsyncBase)
+        refresh = guarded("refresh", _AsyncBase.refresh, _AsyncBase)
+        run_sync = guarded("run_sync", _AsyncBase.run_sync, _AsyncBase)
+        connection = guarded("connection", _AsyncBase.connection, _AsyncBase)
 
     async def get(
         self,

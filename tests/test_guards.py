@@ -11,11 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 import pytest
 from sqlalchemy import Connection, event, func, select
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncResult
+from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
 from sqlalchemy.util import await_
 
 import asyncorm
@@ -291,3 +293,16 @@ async def test_sessionmaker_begin_is_guarded(engine: AsyncEngine, Session: Sessi
 async def test_the_error_is_a_runtime_and_sqlalchemy_error() -> None:
     assert issubclass(asyncorm.ConcurrentSessionUseError, RuntimeError)
     assert issubclass(asyncorm.ConcurrentSessionUseError, asyncorm.AsyncORMError)
+
+
+async def test_patching_sqlalchemys_session_class_reaches_asyncorms_sessions(
+    Session: asyncorm.async_sessionmaker[asyncorm.AsyncSession],
+) -> None:
+    """Tests of applications patch ``sqlalchemy.ext.asyncio.AsyncSession.scalar`` (and the
+    like); a drop-in subclass must see the patch, as SQLAlchemy's own sessions do."""
+    with mock.patch.object(SAAsyncSession, "scalar", side_effect=ValueError("patched")):
+        async with Session() as session:
+            with pytest.raises(ValueError, match="patched"):
+                await session.scalar(select(User.id))
+    async with Session() as session:  # unpatched again
+        assert await session.scalar(select(User.id)) is None
