@@ -16,11 +16,12 @@ changes:
   makes every execute, commit and rollback of the engine dispatch events), and travels with
   that statement in the same trip to aiosqlite's thread (see :mod:`asyncorm._aiosqlite`). A
   transaction that sends no statement sends no BEGIN, COMMIT or ROLLBACK and takes no lock;
-* the engine's transactions take turns on an :class:`asyncio.Lock` before they send BEGIN, so
+* the engine's writers take turns on an :class:`asyncio.Lock` before their first write, so
   a waiting transaction awaits in the event loop instead of spinning in SQLite's busy
-  handler. The lock is held from BEGIN until the connection returns to the pool, which a
-  Session does when its transaction ends; a detached connection (``Connection.detach()``)
-  holds it until its transaction ends or it is closed.
+  handler. The lock is held until the transaction's COMMIT or ROLLBACK completes (or the
+  connection is returned, invalidated or closed), whatever holds the connection meanwhile:
+  a session whose flush failed keeps its connection until it is closed, but SQLAlchemy has
+  already rolled its transaction back.
 
 The lock belongs to the session or connection whose transaction took it, and its owner is the
 task that opened that session (``_asyncorm_opened_by`` when the session records it, else the
@@ -380,6 +381,11 @@ class _SQLiteProfile:
     # -- events ---------------------------------------------------------------------------
 
     def _on_connect(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
+        if isinstance(dbapi_connection, OneTripConnection):
+            # the writer turn ends with the transaction (a COMMIT or ROLLBACK that completed),
+            # not when the connection returns to the pool: a session whose flush failed keeps
+            # its connection until it is closed, but SQLAlchemy has rolled its transaction back
+            dbapi_connection.on_transaction_end = self._release
         cursor = dbapi_connection.cursor()
         try:
             for pragma in self.pragmas:
@@ -427,12 +433,13 @@ class _SQLiteProfile:
 
     def _on_detach(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
         """A detached connection leaves the pool, so no checkin will release the lock: it
-        releases it when its transaction ends (or when it is closed), and takes it again for
-        its next transaction."""
-        if isinstance(dbapi_connection, OneTripConnection):
-            dbapi_connection.on_transaction_end = self._release
-            if not dbapi_connection.transaction_started:
-                self._release(dbapi_connection)
+        releases it when its transaction ends (as every connection does, see ``_on_connect``)
+        or when it is closed, and takes it again for its next transaction."""
+        if (
+            isinstance(dbapi_connection, OneTripConnection)
+            and not dbapi_connection.transaction_started
+        ):
+            self._release(dbapi_connection)
         # another DBAPI module: the lock stays with the connection until it is closed
 
     def _ensure_transaction(

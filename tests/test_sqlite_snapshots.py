@@ -455,3 +455,22 @@ def test_incremental_vacuum_is_a_write_and_odd_sql_is_judged_at_once() -> None:
     assert not _text_writes("/* c */ -- x\n (SELECT 1)")
     assert _text_writes(" " * 5000 + ";")  # linear, not exponential, on no match
     assert _text_writes("/* unterminated" + " " * 5000)
+
+
+async def test_a_session_whose_flush_failed_does_not_keep_the_writer_turn(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    """SQLAlchemy rolls the transaction back when a flush fails, but the session keeps its
+    connection until it is rolled back or closed: another task's DDL (a test's teardown)
+    must not wait for it."""
+    Session = asyncorm.async_sessionmaker(sqlite_engine)
+    async with Session() as session:
+        session.add(Address(id=1, email="x@y", user_id=99))  # no such user
+        with pytest.raises(IntegrityError, match="FOREIGN KEY constraint failed"):
+            await session.flush()
+
+        async def teardown() -> None:
+            async with sqlite_engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+
+        await asyncio.wait_for(asyncio.create_task(teardown()), 10)
