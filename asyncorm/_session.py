@@ -68,6 +68,10 @@ class AsyncSession(sa_asyncio.AsyncSession):
       interrupt it: once it succeeded they return normally and the cancellation is delivered
       at the task's next await; a connection lost during COMMIT raises
       :class:`~asyncorm.TransactionOutcomeUnknownError` (docs/errors.md, "Cancellation").
+    * **write=True** (here, on the factory, or ``db.scope(write=True)``): every transaction of
+      the session is a declared unit of work, as if begun with ``session.begin()``: on SQLite
+      it takes the writer turn before its first read (``BEGIN IMMEDIATE``), so a
+      read-modify-write never conflicts. For code that will write: a POST handler, a job.
     * **read_only=True** (here, on the factory, or ``db.scope(read_only=True)``): a write
       raises :class:`~asyncorm.ReadOnlySessionError` and nothing is written (SQLite: refused
       before it is sent; PostgreSQL: the transactions are ``READ ONLY``). On SQLite such a
@@ -100,14 +104,20 @@ class AsyncSession(sa_asyncio.AsyncSession):
         bind: AsyncEngine | AsyncConnection | None = None,
         *,
         read_only: bool = False,
+        write: bool = False,
         **kw: Any,
     ) -> None:
+        if read_only and write:
+            raise ValueError("A session cannot be both read_only=True and write=True.")
         if read_only:
             kw["execution_options"] = {**(kw.get("execution_options") or {}),
                                        **read_only_options()}  # fmt: skip
         super().__init__(bind, **kw)
         self.read_only = read_only
         """Whether the session refuses writes (``read_only=True``)."""
+        self.write = write
+        """Whether every transaction of the session is a declared unit of work
+        (``write=True``): on SQLite it begins IMMEDIATE, as ``session.begin()`` does."""
         try:
             opened_by = asyncio.current_task()
         except RuntimeError:  # constructed outside an event loop

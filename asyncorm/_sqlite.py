@@ -233,7 +233,10 @@ def _session_began(session: Session, transaction: SessionTransaction, connection
     if connection.engine in _profiled:
         info = connection.info
         info[_SESSION] = weakref.ref(session)
-        info[_DECLARED] = transaction.origin is SessionTransactionOrigin.BEGIN
+        proxy = async_session(session)
+        info[_DECLARED] = transaction.origin is SessionTransactionOrigin.BEGIN or bool(
+            getattr(proxy, "write", False)
+        )
 
 
 _FIRST_WORD = re.compile(r"(?:\s|--[^\n]*|/\*.*?\*/|\()*(\w+)", re.DOTALL)

@@ -474,3 +474,14 @@ async def test_a_session_whose_flush_failed_does_not_keep_the_writer_turn(
                 await conn.run_sync(Base.metadata.drop_all)
 
         await asyncio.wait_for(asyncio.create_task(teardown()), 10)
+
+
+async def test_a_write_session_declares_every_transaction(sqlite_engine: AsyncEngine) -> None:
+    """``write=True``: plain read-modify-write code, exact under contention like
+    ``Session.begin()`` (each transaction takes the writer turn before its first read)."""
+    Session = asyncorm.async_sessionmaker(sqlite_engine, write=True)
+    total, errors = await transfers(Session, declared=False)
+    assert errors == []
+    assert total == 1000
+    with pytest.raises(ValueError, match="both read_only=True and write=True"):
+        asyncorm.AsyncSession(sqlite_engine, read_only=True, write=True)
