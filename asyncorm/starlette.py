@@ -1,0 +1,226 @@
+"""Pure ASGI middleware for Starlette (and FastAPI, and any ASGI app): one scope per request.
+
+``SessionMiddleware(app, registry=db)`` opens ``db.scope()`` around every ``http`` and
+``websocket`` connection, so ``db()`` in a handler is the request's session; ``lifespan``
+passes through. It never uses ``BaseHTTPMiddleware``: it wraps ``receive`` and ``send``.
+
+Timing of one HTTP request (``commit="auto"``)::
+
+    server                  SessionMiddleware                   app (handler)
+    ──────                  ─────────────────                   ─────────────
+    call app ─────────────> enter request scope (session S) ──> db() is S; reads, writes
+                            <── send(http.response.start 2xx) ─ return Response
+                            S.commit()   (fails: raises, the 2xx is never sent -> 500)
+    <── response.start ──── forward
+    <── response.body ───── forward the last body message
+                            leave request scope: S rolled back if anything is left
+                            uncommitted, closed, connection returned
+                            <───────────────────────────────── background tasks: db() is a
+                                                                new session B
+                            leave the call's scope: B closed
+    call returns <────────
+
+The request's scope ends when the last body message has been sent (or when the call ends, on
+an error, a cancellation or a client disconnect), so background tasks, which Starlette runs
+in the same task after the response, never see the request's session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
+from typing import Any, Final, Literal
+
+from ._errors import ScopeError
+from ._registry import _ScopeContext, async_scoped_session
+from ._session import AsyncSession
+
+__all__ = ["SessionMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SCOPE_KEY: Final = "asyncorm.registries"
+"""The ASGI scope key listing the registries whose middleware opened a scope for the call."""
+
+DEFAULT_READ_ONLY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+"""The methods that are usually safe: pass them as ``read_only_methods`` to enforce it."""
+
+
+class SessionMiddleware:
+    """Pure ASGI middleware: one registry scope per HTTP request and per websocket.
+
+    Inside the app, ``db()`` is the request's session (created at the start of the request,
+    taking no connection before its first query). The scope ends when the response's last
+    body message has been sent, or when the call ends however it ends (an exception, a
+    cancelled task, a client that disconnected): uncommitted work is rolled back and the
+    connection goes back to the pool. Background tasks that run after the response (in the
+    same ASGI call) get a new session of their own, closed when the call ends.
+
+    ``commit``:
+
+    * ``None`` (the default): the middleware never commits; the handler calls
+      ``await db.commit()``. Whatever it did not commit is rolled back.
+    * ``"auto"``: when the app sends ``http.response.start`` with a status below 400, the
+      session is committed *before* the start message is forwarded: if the commit fails
+      the exception propagates from ``send`` instead, so the framework answers 500 and the
+      client never sees the success status. A status of 400 or more, an exception, or a
+      client that disconnected (``http.disconnect`` received) rolls back. Requests whose
+      method is not read-only get ``db.scope(write=True)`` (a declared unit of work, so a
+      read-modify-write never conflicts on SQLite) unless ``session_kwargs`` is given.
+      What a streaming body writes after the response started is not committed.
+
+    ``read_only_methods`` (e.g. :data:`DEFAULT_READ_ONLY_METHODS`): requests with these
+    methods get ``db.scope(read_only=True)``; a write raises ``ReadOnlySessionError`` (a
+    500). ``session_kwargs`` go to ``db.scope(**session_kwargs)`` for every connection.
+
+    Websockets get one scope for the whole connection and no commit policy: commit in the
+    handler.
+
+    Example::
+
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from asyncorm.starlette import SessionMiddleware
+
+        app = Starlette(
+            routes=routes,
+            middleware=[Middleware(SessionMiddleware, registry=db, commit="auto")],
+        )
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        registry: async_scoped_session[Any],
+        *,
+        commit: Literal["auto"] | None = None,
+        read_only_methods: Collection[str] | None = None,
+        session_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if commit not in (None, "auto"):
+            raise ValueError(
+                f"SessionMiddleware(commit={commit!r}) is not a commit policy: pass "
+                f"commit=None (the handler commits) or commit='auto' (commit below 400)."
+            )
+        if not isinstance(registry, async_scoped_session):
+            raise TypeError(
+                f"SessionMiddleware(registry=...) needs an asyncorm.async_scoped_session; "
+                f"{registry!r} is not one."
+            )
+        self.app = app
+        self.registry = registry
+        self.commit = commit
+        self.read_only_methods = frozenset(m.upper() for m in read_only_methods or ())
+        self.session_kwargs = dict(session_kwargs) if session_kwargs is not None else None
+        # the scope of the whole call: the (lazy) session of background work after the
+        # response; the request's scope is nested in it and ends with the response
+        self._call = registry.scoped(self._serve)
+
+    def _kwargs_for(self, scope: Scope) -> dict[str, Any]:
+        kwargs = dict(self.session_kwargs or {})
+        if scope["type"] != "http":
+            return kwargs
+        if scope["method"] in self.read_only_methods:
+            kwargs.pop("write", None)
+            kwargs["read_only"] = True
+        elif self.commit == "auto" and self.session_kwargs is None:
+            kwargs["write"] = True
+        return kwargs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        await self._call(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = _RequestScope(self.registry, self.registry.scope(**self._kwargs_for(scope)))
+        await request.open()
+        scope[SCOPE_KEY] = (*scope.get(SCOPE_KEY, ()), self.registry)
+        try:
+            if scope["type"] == "websocket":
+                await self.app(scope, receive, send)
+            else:
+                await self.app(scope, request.wrap_receive(receive), self._wrap_send(request, send))
+        finally:
+            await request.close()
+
+    def _wrap_send(self, request: _RequestScope, send: Send) -> Send:
+        auto = self.commit == "auto"
+
+        async def send_wrapper(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start" and auto:
+                if message["status"] < 400 and not request.disconnected:
+                    await request.session().commit()  # raises: the start is never sent
+                else:
+                    await request.session().rollback()
+            await send(message)
+            if (kind == "http.response.body" and not message.get("more_body", False)) or (
+                kind == "http.response.pathsend"
+            ):
+                await request.finish()
+
+        return send_wrapper
+
+
+class _RequestScope:
+    """The request's scope, entered by hand: it may end before the ASGI call does."""
+
+    __slots__ = ("_captured", "_context", "_owner", "_registry", "closed", "disconnected")
+
+    def __init__(self, registry: async_scoped_session[Any], context: _ScopeContext[Any]) -> None:
+        self._registry = registry
+        self._context = context
+        self._owner = asyncio.current_task()
+        self._captured: AsyncSession | None = None
+        self.closed = False
+        self.disconnected = False
+
+    async def open(self) -> None:
+        self._captured = await self._context.__aenter__()
+
+    def session(self) -> AsyncSession:
+        """The session ``db()`` returns in the request's task (even if ``send`` runs elsewhere)."""
+        if asyncio.current_task() is self._owner:
+            current: AsyncSession = self._registry()
+            return current
+        assert self._captured is not None
+        return self._captured
+
+    def wrap_receive(self, receive: Receive) -> Receive:
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+            return message
+
+        return receive_wrapper
+
+    async def finish(self) -> None:
+        """The response is complete: end the request's unit of work now."""
+        if self.closed:
+            return
+        if asyncio.current_task() is not self._owner:
+            # The body was sent from another task (Starlette streams in a task group when the
+            # server speaks ASGI < 2.4); only the owner can leave the scope. End the
+            # session's work: roll back, return the connection; the scope closes it at the end.
+            assert self._captured is not None
+            await self._captured.close()
+            return
+        self.closed = True
+        try:
+            await self._context.__aexit__(None, None, None)
+        except ScopeError:
+            self.closed = False  # a nested scope is still open: leave it to the call's end
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self._context.__aexit__(None, None, None)
