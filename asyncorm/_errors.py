@@ -222,3 +222,9 @@ class WriteConflictError(AsyncORMError, sa_exc.OperationalError):
 
     def __reduce__(self) -> Any:
         return type(self), (self.message, self.statement, self.params, self.orig)
+
+
+def shown_statement(statement: str, limit: int = 80) -> str:
+    """A SQL statement on one line, cut to ``limit`` characters, for an error message."""
+    shown = " ".join(statement.split())
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."

@@ -62,7 +62,7 @@ from sqlalchemy.util import await_
 
 from . import _asyncpg
 from ._cancellation import wait_to_completion
-from ._errors import ConfigurationError, ReadOnlySessionError
+from ._errors import ConfigurationError, ReadOnlySessionError, shown_statement
 from ._options import READ_ONLY
 from ._plainread import SAFE_CALLS, is_plain_read
 
@@ -105,9 +105,7 @@ def _read_only_refused(context: ExceptionContext) -> BaseException | None:
     """A write refused in a READ ONLY transaction (SQLSTATE 25006): ReadOnlySessionError."""
     if getattr(context.original_exception, "sqlstate", None) != "25006":
         return None
-    shown = " ".join((context.statement or "").split())
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
+    shown = shown_statement(context.statement or "")
     read_only = context.execution_context is not None and (
         context.execution_context.execution_options.get(READ_ONLY, False)
     )

@@ -72,6 +72,7 @@ from ._errors import (
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
     WriteConflictError,
+    shown_statement,
 )
 from ._options import READ_ONLY
 
@@ -291,13 +292,6 @@ def _writes(context: Any, statement: str) -> bool:
     return _text_writes(statement)
 
 
-def _keep_connection_on_lock_error(context: ExceptionContext) -> None:
-    """A lock wait that timed out sent nothing: the connection is fine. (SQLAlchemy takes an
-    asyncio TimeoutError for a lost connection, and a detached one would be dropped unclosed.)"""
-    if context.is_disconnect and isinstance(context.original_exception, SQLiteWriteLockError):
-        context.is_disconnect = False
-
-
 def _code_location(owner: asyncio.Task[Any] | None) -> _Location | None:
     """Where the user's code is: the innermost frame that is not SQLAlchemy's, asyncio's or
     asyncorm's, in this greenlet, then in the task's coroutines; failing that (the current
@@ -378,7 +372,6 @@ class _SQLiteProfile:
         event.listen(sync_engine, "invalidate", self._on_invalidate)
         event.listen(sync_engine, "detach", self._on_detach)
         event.listen(sync_engine, "close_detached", self._release)
-        event.listen(sync_engine, "handle_error", _keep_connection_on_lock_error)
         event.listen(sync_engine, "handle_error", self._on_error)
 
     # -- events ---------------------------------------------------------------------------
@@ -573,44 +566,44 @@ class _SQLiteProfile:
             return True
 
     def _read_only(self, statement: str) -> ReadOnlySessionError:
-        shown = " ".join(statement.split())
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
         return ReadOnlySessionError(
             f"This session or connection is read-only (read_only=True), and the statement "
-            f"{shown!r} writes to the SQLite {self.label}; nothing was sent. Use a session "
-            f"without read_only=True for work that writes."
+            f"{shown_statement(statement)!r} writes to the SQLite {self.label}; nothing was "
+            f"sent. Use a session without read_only=True for work that writes."
+        )
+
+    def _conflict(
+        self, refuser: str, statement: str | None, params: Any, orig: BaseException
+    ) -> WriteConflictError:
+        return WriteConflictError(
+            f"Another transaction committed a write to the SQLite {self.label} after this "
+            f"transaction's first read, so {refuser}: its reads may be stale, and writing "
+            f"could lose the other update. Roll back and run the whole unit of work again "
+            f"(safe to retry), or declare it with `async with Session.begin()` / "
+            f"`session.begin()`, which begins IMMEDIATE: it takes its turn before its first "
+            f"read and never conflicts.",
+            statement,
+            params,
+            orig,
         )
 
     def _stale_in_memory(self, statement: str) -> WriteConflictError:
-        return WriteConflictError(
-            f"Another transaction committed a write to the SQLite {self.label} after this "
-            f"transaction's first read, so asyncorm refused this transaction's first write: "
-            f"its reads may be stale, and writing could lose the other update. Roll back and "
-            f"run the whole unit of work again (safe to retry), or declare it with `async with "
-            f"Session.begin()` / `session.begin()`, which begins IMMEDIATE: it takes its turn "
-            f"before its first read and never conflicts.",
-            statement,
-            None,
-            sqlite3.OperationalError("stale read: the database changed since the first read"),
-        )
+        stale = sqlite3.OperationalError("stale read: the database changed since the first read")
+        refuser = "asyncorm refused this transaction's first write"
+        return self._conflict(refuser, statement, None, stale)
 
     def _on_error(self, context: ExceptionContext) -> BaseException | None:
-        """SQLITE_BUSY_SNAPSHOT: a snapshot went stale before its first write."""
+        """A lock wait that timed out sent nothing: the connection is fine (SQLAlchemy takes an
+        asyncio TimeoutError for a lost connection, and a detached one would be dropped
+        unclosed). SQLITE_BUSY_SNAPSHOT: a snapshot went stale before its first write."""
         orig = context.original_exception
+        if isinstance(orig, SQLiteWriteLockError):
+            context.is_disconnect = False
+            return None
         if getattr(orig, "sqlite_errorcode", None) != _SQLITE_BUSY_SNAPSHOT:
             return None
-        return WriteConflictError(
-            f"Another transaction committed a write to the SQLite {self.label} after this "
-            f"transaction's first read, so SQLite refused this transaction's first write "
-            f"(SQLITE_BUSY_SNAPSHOT): its reads may be stale, and writing could lose the other "
-            f"update. Roll back and run the whole unit of work again (safe to retry), or "
-            f"declare it with `async with Session.begin()` / `session.begin()`, which begins "
-            f"IMMEDIATE: it takes its turn before its first read and never conflicts.",
-            context.statement,
-            context.parameters,
-            orig,
-        )
+        refuser = "SQLite refused this transaction's first write (SQLITE_BUSY_SNAPSHOT)"
+        return self._conflict(refuser, context.statement, context.parameters, orig)
 
     def _run_outside(
         self,
