@@ -13,6 +13,7 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── ScopeError                (also RuntimeError)
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
+    ├── PoolTimeoutError          (also sqlalchemy.exc.TimeoutError)
     └── SQLiteWriteLockError      (also RuntimeError)
         └── SQLiteWriteLockTimeout (also TimeoutError)
 """
@@ -30,6 +31,7 @@ __all__ = [
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "PoolTimeoutError",
     "ReadOnlySessionError",
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
@@ -164,6 +166,28 @@ class TransactionOutcomeUnknownError(AsyncORMError, RuntimeError):
         except asyncorm.TransactionOutcomeUnknownError:
             async with Session() as session:
                 done = await session.scalar(select(Payment.id).filter_by(key=key))
+    """
+
+
+class PoolTimeoutError(AsyncORMError, sa_exc.TimeoutError):
+    """No pooled connection came free within the engine's ``pool_timeout``.
+
+    Every connection the pool may hold (``pool_size`` + ``max_overflow``) was checked out
+    for the whole timeout. The message names the engine, how many connections are checked
+    out, the pool's size, overflow and timeout. Usually sessions are held too long (one
+    never closed, a slow transaction, a task awaiting something else mid-transaction);
+    otherwise raise ``pool_size``, ``max_overflow`` or ``pool_timeout``. A subclass of
+    SQLAlchemy's ``TimeoutError``, which existing handlers catch.
+
+    Example::
+
+        >>> engine = asyncorm.create_engine(url, pool_size=1, max_overflow=0, pool_timeout=1)
+        >>> async with engine.connect(), engine.connect():
+        ...     pass
+        Traceback (most recent call last):
+        asyncorm.PoolTimeoutError: No connection of 'postgresql+asyncpg://app@db/app' came ...
+
+    .. versionadded:: 0.2
     """
 
 
