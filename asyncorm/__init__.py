@@ -26,6 +26,7 @@ from ._errors import (
     ScopeError,
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
+    TLSVerificationError,
     TransactionOutcomeUnknownError,
     WriteConflictError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
+    "TLSVerificationError",
     "TransactionOutcomeUnknownError",
     "WriteConflictError",
     "async_scoped_session",

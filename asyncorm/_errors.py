@@ -14,12 +14,14 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
     ├── PoolTimeoutError          (also sqlalchemy.exc.TimeoutError)
+    ├── TLSVerificationError      (also ssl.SSLCertVerificationError)
     └── SQLiteWriteLockError      (also RuntimeError)
         └── SQLiteWriteLockTimeout (also TimeoutError)
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -36,6 +38,7 @@ __all__ = [
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
+    "TLSVerificationError",
     "TransactionOutcomeUnknownError",
     "WriteConflictError",
 ]
@@ -189,6 +192,33 @@ class PoolTimeoutError(AsyncORMError, sa_exc.TimeoutError):
 
     .. versionadded:: 0.2
     """
+
+
+class TLSVerificationError(AsyncORMError, ssl.SSLCertVerificationError):
+    """The PostgreSQL server's TLS certificate failed verification (``sslmode=verify-ca``
+    or ``verify-full``): nothing was sent over the connection.
+
+    The message names the server, OpenSSL's reason and the fix: with ``verify-full`` a
+    certificate that does not name the URL's host (connect with a name it does, or use
+    ``verify-ca``); otherwise a CA that ``sslrootcert`` does not hold. A subclass of
+    :class:`ssl.SSLCertVerificationError`, with its ``verify_code`` and ``verify_message``.
+
+    Example::
+
+        >>> engine = asyncorm.create_engine(
+        ...     "postgresql://app@10.0.0.5/app?sslmode=verify-full&sslrootcert=ca.pem")
+        >>> await engine.connect()
+        Traceback (most recent call last):
+        asyncorm.TLSVerificationError: The TLS certificate of the PostgreSQL server at ...
+
+    .. versionadded:: 0.2
+    """
+
+    verify_code: int
+    verify_message: str
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ReadOnlySessionError(AsyncORMError, sa_exc.InvalidRequestError):
