@@ -40,6 +40,16 @@ class QueuePool(AsyncAdaptedQueuePool):
                 f"sooner, or raise pool_size, max_overflow or pool_timeout."
             ) from None
 
+    @property
+    def max_overflow(self) -> int:
+        """Connections opened beyond ``pool_size`` when all are in use (-1: no limit)."""
+        return self._max_overflow
+
+    @property
+    def recycle(self) -> int:
+        """Seconds after which a connection is replaced at checkout (-1: never)."""
+        return self._recycle
+
     def recreate(self) -> QueuePool:
         new: Any = super().recreate()  # on dispose(): the same settings, a fresh pool
         new.label = self.label

@@ -75,9 +75,15 @@ class Cluster:
         self.as_root = os.geteuid() == 0
         self.started = False
 
-    def url(self, user: str = "postgres", host: str = "127.0.0.1", query: str = "") -> str:
-        """A URL for ``user`` on database ``postgres``, with ``query`` appended."""
-        return f"postgresql://{user}@{host}:{self.port}/postgres{'?' + query if query else ''}"
+    def url(
+        self,
+        user: str = "postgres",
+        host: str = "127.0.0.1",
+        query: str = "",
+        database: str = "postgres",
+    ) -> str:
+        """A URL for ``user`` on ``database``, with ``query`` appended."""
+        return f"postgresql://{user}@{host}:{self.port}/{database}{'?' + query if query else ''}"
 
     def _run(self, *args: str | Path) -> None:
         command = [str(arg) for arg in args]
