@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import select
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,7 +42,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from ._errors import TLSVerificationError
+from ._pgconnect import connect_error
 from ._pgparams import Translation
 
 __all__ = ["idle_mark", "in_own_context", "install", "spoke_since"]
@@ -58,8 +57,11 @@ def in_own_context(connect: _Connect) -> Callable[..., Awaitable[Any]]:
         async def run() -> Any:
             try:
                 return _watch(await connect(*args, **kwargs))
-            except ssl.SSLCertVerificationError as exc:
-                raise _tls_failure(exc, kwargs) from exc
+            except Exception as exc:  # TLS unverified, server unavailable: asyncorm's errors
+                clear = connect_error(exc, kwargs)
+                if clear is None:
+                    raise
+                raise clear from exc
 
         task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
         try:
@@ -70,36 +72,6 @@ def in_own_context(connect: _Connect) -> Callable[..., Awaitable[Any]]:
             raise
 
     return open_connection
-
-
-def _tls_failure(exc: ssl.SSLCertVerificationError, kwargs: dict[str, Any]) -> Exception:
-    host, port = kwargs.get("host"), kwargs.get("port")
-    if isinstance(host, list | tuple):
-        where = ", ".join(f"{h}:{p}" for h, p in zip(host, port or (), strict=False))
-    else:
-        where = f"{host or 'localhost'}:{port or 5432}"
-    reason = str(exc.verify_message or exc.reason or exc).rstrip(".")
-    if exc.verify_code in _NAME_MISMATCH:
-        advice = (
-            "With sslmode=verify-full the certificate must name the host of the URL: "
-            "connect with a host name the certificate names, or use sslmode=verify-ca to "
-            "check only that a trusted CA signed it"
-        )
-    else:
-        advice = (
-            "Point sslrootcert at the certificate of the CA that signed the server's "
-            "certificate (your provider publishes it)"
-        )
-    error = TLSVerificationError(
-        f"The TLS certificate of the PostgreSQL server at {where} failed verification: "
-        f"{reason}. {advice}."
-    )
-    error.verify_code, error.verify_message = exc.verify_code, exc.verify_message
-    return error
-
-
-# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-_NAME_MISMATCH = (62, 64)
 
 
 def install(engine: AsyncEngine, params: Translation) -> None:

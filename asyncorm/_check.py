@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ._engine import create_engine, redact_url
-from ._errors import AsyncORMError, ConfigurationError
+from ._errors import AsyncORMError, ConfigurationError, DatabaseUnavailableError
 
 __all__ = ["check"]
 
@@ -177,6 +177,8 @@ _SQLSTATES = {
 def _why(exc: BaseException, url: URL) -> str:
     """One line: what went wrong while connecting, in the user's terms."""
     where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    if isinstance(exc, DatabaseUnavailableError) and isinstance(exc.__cause__, Exception):
+        exc = exc.__cause__  # the driver's own error: said in one short line below
     if isinstance(exc, AsyncORMError):
         return str(exc)
     if isinstance(exc, sa_exc.DBAPIError):

@@ -10,6 +10,8 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── NoSessionScopeError       (also RuntimeError)
     ├── ReadOnlySessionError      (also sqlalchemy.exc.InvalidRequestError)
     ├── WriteConflictError        (also sqlalchemy.exc.OperationalError)
+    ├── ConnectionLostError       (also sqlalchemy.exc.OperationalError)
+    ├── DatabaseUnavailableError  (also ConnectionError)
     ├── ScopeError                (also RuntimeError)
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
@@ -30,6 +32,8 @@ __all__ = [
     "AsyncORMError",
     "ConcurrentSessionUseError",
     "ConfigurationError",
+    "ConnectionLostError",
+    "DatabaseUnavailableError",
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
@@ -282,3 +286,59 @@ def shown_statement(statement: str, limit: int = 80) -> str:
     """A SQL statement on one line, cut to ``limit`` characters, for an error message."""
     shown = " ".join(statement.split())
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+class ConnectionLostError(AsyncORMError, sa_exc.OperationalError):
+    """A PostgreSQL connection was lost while a statement ran: the server ended the session.
+
+    A restart, a failover, ``pg_terminate_backend`` or a network failure ended the session
+    the unit of work ran on. The server rolls back a lost session's open transaction, so
+    nothing of the unit of work was committed (on an autocommit connection the statement
+    itself may have been applied); the connection is invalidated and the pool replaces it.
+    Run the whole unit of work again. ``connection_invalidated`` is true, as on the
+    SQLAlchemy error it replaces; a COMMIT lost this way is
+    :class:`TransactionOutcomeUnknownError` instead.
+
+    Example::
+
+        try:
+            async with Session.begin() as session:
+                session.add(Order(...))
+        except asyncorm.ConnectionLostError:
+            ...  # nothing was committed: run it again once the server answers
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(
+        self, message: str, statement: str | None, params: Any, orig: BaseException
+    ) -> None:
+        super().__init__(statement, params, orig)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.statement, self.params, self.orig)
+
+
+class DatabaseUnavailableError(AsyncORMError, ConnectionError):
+    """A PostgreSQL connection could not be opened: the server is not there right now.
+
+    The connection was refused, reset or timed out, or the server answered that it is
+    starting up or shutting down (a restart, a failover). Nothing was sent. The message names
+    the server(s) and the driver's reason. Authentication failures and unknown databases are
+    not this error: they do not go away by waiting. A subclass of :class:`ConnectionError`
+    (so of :class:`OSError`), like the ``ConnectionRefusedError`` asyncpg raises.
+
+    Example::
+
+        try:
+            async with Session.begin() as session:
+                ...
+        except asyncorm.DatabaseUnavailableError:
+            ...  # answer 503, retry later
+
+    .. versionadded:: 0.2
+    """

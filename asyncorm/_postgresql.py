@@ -60,7 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_
 
-from . import _asyncpg, _pgparams
+from . import _asyncpg, _lost, _pgparams
 from ._cancellation import wait_to_completion
 from ._engine import redact_url
 from ._errors import ConfigurationError, ReadOnlySessionError, shown_statement
@@ -96,6 +96,7 @@ def prepare(
 
     def install(engine: AsyncEngine) -> None:
         _asyncpg.install(engine, params)
+        _lost.install(engine)
         event.listen(engine.sync_engine, "handle_error", _read_only_refused)
         if pre_ping:
             _PrePing(float(ping_after)).install(engine)
