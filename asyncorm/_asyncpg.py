@@ -42,6 +42,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from ._pgconnect import connect_error
+from ._pgparams import Translation
+
 __all__ = ["idle_mark", "in_own_context", "install", "spoke_since"]
 
 _Connect = Callable[..., Awaitable[Any]]
@@ -52,7 +55,13 @@ def in_own_context(connect: _Connect) -> Callable[..., Awaitable[Any]]:
 
     async def open_connection(*args: Any, **kwargs: Any) -> Any:
         async def run() -> Any:
-            return _watch(await connect(*args, **kwargs))
+            try:
+                return _watch(await connect(*args, **kwargs))
+            except Exception as exc:  # TLS unverified, server unavailable: asyncorm's errors
+                clear = connect_error(exc, kwargs)
+                if clear is None:
+                    raise
+                raise clear from exc
 
         task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
         try:
@@ -65,24 +74,25 @@ def in_own_context(connect: _Connect) -> Callable[..., Awaitable[Any]]:
     return open_connection
 
 
-def install(engine: AsyncEngine) -> None:
-    """Open the engine's connections from the URL in a context of their own."""
-    sync_engine = engine.sync_engine
+def install(engine: AsyncEngine, params: Translation) -> None:
+    """Open the engine's connections from the URL in a context of their own, with the
+    URL's libpq parameters translated for asyncpg (:mod:`asyncorm._pgparams`)."""
+
     # SQLAlchemy's asyncpg DBAPI adapter awaits the connection from ``async_creator_fn``, the
     # keyword its own ``async_creator`` engine argument is implemented with; a user's
     # ``async_creator`` bypasses this event and is wrapped by ``_postgresql.prepare`` instead
-    event.listen(sync_engine, "do_connect", _do_connect)
+    def do_connect(
+        dialect: Dialect, record: ConnectionPoolEntry, cargs: list[Any], cparams: dict[str, Any]
+    ) -> None:
+        params.apply(cparams)  # a copy of the engine's arguments, made for this connect
+        connect = cparams.get("async_creator_fn")
+        if connect is None:
+            import asyncpg  # here: asyncorm[sqlite] alone imports without it
 
+            connect = asyncpg.connect
+        cparams["async_creator_fn"] = in_own_context(connect)
 
-def _do_connect(
-    dialect: Dialect, record: ConnectionPoolEntry, cargs: list[Any], cparams: dict[str, Any]
-) -> None:
-    connect = cparams.get("async_creator_fn")
-    if connect is None:
-        import asyncpg  # here: asyncorm[sqlite] alone imports without it
-
-        connect = asyncpg.connect
-    cparams["async_creator_fn"] = in_own_context(connect)
+    event.listen(engine.sync_engine, "do_connect", do_connect)
 
 
 class _Watch(asyncio.Protocol):

@@ -9,9 +9,11 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from . import _cancellation, _loops
+from . import _cancellation, _loops, _pool
 from ._errors import ConfigurationError
+from ._pgparams import split_netloc_hosts
 
 __all__ = ["create_engine", "redact_url"]
 
@@ -29,6 +31,8 @@ _BACKENDS = {
 }
 
 _SCHEME = re.compile(r"[\w+.\-]*:/*")
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+_SECRET_QUERY = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 
 
 def redact_url(url: str | URL) -> str:
@@ -43,11 +47,15 @@ def redact_url(url: str | URL) -> str:
         'postgresql://app:***@db/app'
     """
     if isinstance(url, URL):
+        secrets = _SECRET_PARAMS.intersection(url.query)
+        if secrets:  # libpq's ?password=, ?sslpassword=
+            url = url.update_query_dict(dict.fromkeys(secrets, "***"))
         return url.render_as_string(hide_password=True)
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return redact_url(make_url(url))
     except (sa_exc.ArgumentError, ValueError):
         pass
+    url = _SECRET_QUERY.sub(r"\1***", url)
     if "@" not in url:
         return url
     head, _, tail = url.rpartition("@")
@@ -66,7 +74,8 @@ def _parse(url: str | URL) -> URL:
     if not url.strip():
         raise ConfigurationError(f"create_engine() got an empty URL. Supported: {SUPPORTED}.")
     try:
-        return make_url(url)
+        # libpq's several hosts, postgresql://u@a:5432,b:5433/db, as SQLAlchemy's ?host=
+        return make_url(split_netloc_hosts(url))
     except (sa_exc.ArgumentError, ValueError):  # ValueError: e.g. a port that is no number
         raise ConfigurationError(
             f"Could not parse database URL {redact_url(url)!r}. Supported: {SUPPORTED}."
@@ -133,6 +142,11 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     # the profile's module imports its driver: imported only once the driver is known present
     profile = importlib.import_module(f"asyncorm._{backend}")
     parsed, engine_kwargs, install = profile.prepare(parsed, dict(kwargs))
+    if "pool" not in engine_kwargs and engine_kwargs.get("poolclass") in (
+        None,
+        AsyncAdaptedQueuePool,
+    ):
+        engine_kwargs["poolclass"] = _pool.QueuePool  # its timeout error says what to do
     # reset-on-return is done by asyncorm's listener, which survives a cancellation
     # without discarding the connection (see _cancellation)
     hooks = _cancellation.EngineHooks(engine_kwargs)
@@ -140,6 +154,8 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     _loops.install(engine, shown)  # first: no other checkout listener may touch a foreign loop
     install(engine)
     hooks.install(engine)
+    if isinstance(engine.pool, _pool.QueuePool):
+        engine.pool.label = repr(shown)
     return engine
 
 

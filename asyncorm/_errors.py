@@ -10,15 +10,20 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── NoSessionScopeError       (also RuntimeError)
     ├── ReadOnlySessionError      (also sqlalchemy.exc.InvalidRequestError)
     ├── WriteConflictError        (also sqlalchemy.exc.OperationalError)
+    ├── ConnectionLostError       (also sqlalchemy.exc.OperationalError)
+    ├── DatabaseUnavailableError  (also ConnectionError)
     ├── ScopeError                (also RuntimeError)
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
+    ├── PoolTimeoutError          (also sqlalchemy.exc.TimeoutError)
+    ├── TLSVerificationError      (also ssl.SSLCertVerificationError)
     └── SQLiteWriteLockError      (also RuntimeError)
         └── SQLiteWriteLockTimeout (also TimeoutError)
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -27,13 +32,17 @@ __all__ = [
     "AsyncORMError",
     "ConcurrentSessionUseError",
     "ConfigurationError",
+    "ConnectionLostError",
+    "DatabaseUnavailableError",
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "PoolTimeoutError",
     "ReadOnlySessionError",
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
     "ScopeError",
+    "TLSVerificationError",
     "TransactionOutcomeUnknownError",
     "WriteConflictError",
 ]
@@ -167,6 +176,55 @@ class TransactionOutcomeUnknownError(AsyncORMError, RuntimeError):
     """
 
 
+class PoolTimeoutError(AsyncORMError, sa_exc.TimeoutError):
+    """No pooled connection came free within the engine's ``pool_timeout``.
+
+    Every connection the pool may hold (``pool_size`` + ``max_overflow``) was checked out
+    for the whole timeout. The message names the engine, how many connections are checked
+    out, the pool's size, overflow and timeout. Usually sessions are held too long (one
+    never closed, a slow transaction, a task awaiting something else mid-transaction);
+    otherwise raise ``pool_size``, ``max_overflow`` or ``pool_timeout``. A subclass of
+    SQLAlchemy's ``TimeoutError``, which existing handlers catch.
+
+    Example::
+
+        >>> engine = asyncorm.create_engine(url, pool_size=1, max_overflow=0, pool_timeout=1)
+        >>> async with engine.connect(), engine.connect():
+        ...     pass
+        Traceback (most recent call last):
+        asyncorm.PoolTimeoutError: No connection of 'postgresql+asyncpg://app@db/app' came ...
+
+    .. versionadded:: 0.2
+    """
+
+
+class TLSVerificationError(AsyncORMError, ssl.SSLCertVerificationError):
+    """The PostgreSQL server's TLS certificate failed verification (``sslmode=verify-ca``
+    or ``verify-full``): nothing was sent over the connection.
+
+    The message names the server, OpenSSL's reason and the fix: with ``verify-full`` a
+    certificate that does not name the URL's host (connect with a name it does, or use
+    ``verify-ca``); otherwise a CA that ``sslrootcert`` does not hold. A subclass of
+    :class:`ssl.SSLCertVerificationError`, with its ``verify_code`` and ``verify_message``.
+
+    Example::
+
+        >>> engine = asyncorm.create_engine(
+        ...     "postgresql://app@10.0.0.5/app?sslmode=verify-full&sslrootcert=ca.pem")
+        >>> await engine.connect()
+        Traceback (most recent call last):
+        asyncorm.TLSVerificationError: The TLS certificate of the PostgreSQL server at ...
+
+    .. versionadded:: 0.2
+    """
+
+    verify_code: int
+    verify_message: str
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class ReadOnlySessionError(AsyncORMError, sa_exc.InvalidRequestError):
     """A session (or connection) opened with ``read_only=True`` tried to write.
 
@@ -228,3 +286,59 @@ def shown_statement(statement: str, limit: int = 80) -> str:
     """A SQL statement on one line, cut to ``limit`` characters, for an error message."""
     shown = " ".join(statement.split())
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+class ConnectionLostError(AsyncORMError, sa_exc.OperationalError):
+    """A PostgreSQL connection was lost while a statement ran: the server ended the session.
+
+    A restart, a failover, ``pg_terminate_backend`` or a network failure ended the session
+    the unit of work ran on. The server rolls back a lost session's open transaction, so
+    nothing of the unit of work was committed (on an autocommit connection the statement
+    itself may have been applied); the connection is invalidated and the pool replaces it.
+    Run the whole unit of work again. ``connection_invalidated`` is true, as on the
+    SQLAlchemy error it replaces; a COMMIT lost this way is
+    :class:`TransactionOutcomeUnknownError` instead.
+
+    Example::
+
+        try:
+            async with Session.begin() as session:
+                session.add(Order(...))
+        except asyncorm.ConnectionLostError:
+            ...  # nothing was committed: run it again once the server answers
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(
+        self, message: str, statement: str | None, params: Any, orig: BaseException
+    ) -> None:
+        super().__init__(statement, params, orig)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.statement, self.params, self.orig)
+
+
+class DatabaseUnavailableError(AsyncORMError, ConnectionError):
+    """A PostgreSQL connection could not be opened: the server is not there right now.
+
+    The connection was refused, reset or timed out, or the server answered that it is
+    starting up or shutting down (a restart, a failover). Nothing was sent. The message names
+    the server(s) and the driver's reason. Authentication failures and unknown databases are
+    not this error: they do not go away by waiting. A subclass of :class:`ConnectionError`
+    (so of :class:`OSError`), like the ``ConnectionRefusedError`` asyncpg raises.
+
+    Example::
+
+        try:
+            async with Session.begin() as session:
+                ...
+        except asyncorm.DatabaseUnavailableError:
+            ...  # answer 503, retry later
+
+    .. versionadded:: 0.2
+    """

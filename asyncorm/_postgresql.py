@@ -60,8 +60,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_
 
-from . import _asyncpg
+from . import _asyncpg, _lost, _pgparams
 from ._cancellation import wait_to_completion
+from ._engine import redact_url
 from ._errors import ConfigurationError, ReadOnlySessionError, shown_statement
 from ._options import READ_ONLY
 from ._plainread import SAFE_CALLS, is_plain_read
@@ -89,9 +90,13 @@ def prepare(
         )
     if kwargs.get("async_creator") is not None:  # bypasses do_connect: wrapped here
         kwargs["async_creator"] = _asyncpg.in_own_context(kwargs["async_creator"])
+    shown = redact_url(url)
+    connect_args = _server_settings(kwargs, shown)
+    url, params = _pgparams.translate(url, shown, connect_args)
 
     def install(engine: AsyncEngine) -> None:
-        _asyncpg.install(engine)
+        _asyncpg.install(engine, params)
+        _lost.install(engine)
         event.listen(engine.sync_engine, "handle_error", _read_only_refused)
         if pre_ping:
             _PrePing(float(ping_after)).install(engine)
@@ -99,6 +104,33 @@ def prepare(
             _DeferredBegin().install(engine)
 
     return url, kwargs, install
+
+
+def _server_settings(kwargs: dict[str, Any], shown: str) -> dict[str, Any]:
+    """``statement_timeout`` and ``lock_timeout`` (seconds, or PostgreSQL's ``'5s'``) as
+    settings sent when each connection starts: no round trip. Returns ``connect_args``."""
+    connect_args = dict(kwargs.get("connect_args") or {})
+    settings = dict(connect_args.get("server_settings") or {})
+    for name in _TIMEOUTS:
+        value = kwargs.pop(name, None)
+        if value is None:
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            settings[name] = f"{round(value * 1000)}ms"
+        elif isinstance(value, str) and value.strip():
+            settings[name] = value
+        else:
+            raise ConfigurationError(
+                f"{name} must be a number of seconds >= 0 (0: no limit) or a PostgreSQL "
+                f"duration such as '5s', got {value!r} for {shown!r}."
+            )
+    if settings:
+        connect_args["server_settings"] = settings
+        kwargs["connect_args"] = connect_args
+    return connect_args
+
+
+_TIMEOUTS = ("statement_timeout", "lock_timeout")
 
 
 def _read_only_refused(context: ExceptionContext) -> BaseException | None:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncorm
 from tests.models import Base
+from tests.pgcluster import Cluster, why_unavailable
 
 POSTGRES_URL = os.environ.get(
     "ASYNCORM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -130,3 +131,20 @@ def tasks_created() -> Iterator[list[str]]:
         yield created
     finally:
         loop.set_task_factory(factory)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster (TLS on, test roles) for tests that reconfigure or
+    restart a server; removed at the end of the run (see tests/pgcluster.py)."""
+    reason = why_unavailable()
+    if reason is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"{reason}, and ASYNCORM_REQUIRE_POSTGRES=1 is set")
+        pytest.skip(f"no throwaway PostgreSQL cluster: {reason}")
+    cluster = Cluster()
+    try:
+        cluster.create()
+        yield cluster
+    finally:
+        cluster.remove()

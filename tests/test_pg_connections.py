@@ -13,7 +13,6 @@ import asyncpg
 import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 import asyncorm
@@ -207,17 +206,24 @@ async def test_a_pooled_connection_whose_backend_was_terminated_is_replaced_at_c
 async def test_a_statement_on_a_connection_whose_backend_was_terminated_invalidates_it(
     proxy: FinHoldingProxy, direct: AsyncConnection
 ) -> None:
-    """A session holding the connection when its backend is terminated gets an error marked
-    as a disconnect (asyncpg aborts the connection whose protocol refuses the query, and
-    SQLAlchemy finds it closed): the connection is invalidated, the next session gets a
-    fresh one."""
+    """A session holding the connection when its backend is terminated gets
+    ConnectionLostError, a disconnect (asyncpg aborts the connection whose protocol refuses
+    the query, and SQLAlchemy finds it closed): the connection is invalidated, the next
+    session gets a fresh one."""
     engine = asyncorm.create_engine(proxy.url, pool_size=1, max_overflow=0)
     Session = asyncorm.async_sessionmaker(engine)
     try:
         async with Session() as session:
             pid = await pid_of(session.scalar(select(func.pg_backend_pid())))
             await terminate_behind(proxy, direct, pid)
-            with pytest.raises(DBAPIError, match=r"another operation \(2\) is in progress") as info:
+            with pytest.raises(
+                asyncorm.ConnectionLostError,
+                match=r"The connection to the PostgreSQL server at .* was lost during 'SELECT "
+                r"pg_backend_pid\(\) AS pg_backend_pid_1': the server had ended the session "
+                r"while it sat in the pool \(.*another operation \(2\) is in progress\)\. The "
+                r"server rolls back the open transaction of a lost connection, so nothing of "
+                r"this unit of work was committed; the pool replaces the connection\.",
+            ) as info:
                 await session.scalar(select(func.pg_backend_pid()))
             assert info.value.connection_invalidated
         async with Session() as session:
