@@ -12,9 +12,9 @@ Changes from the template:
   then runs at the end of the migration's transaction, so a migration that broke a
   reference rolls back instead of committing orphans;
 * ``transactional_ddl=True``: Alembic assumes SQLite cannot roll DDL back (true of stock
-  pysqlite, which commits before DDL); asyncorm sends a real ``BEGIN``, so on SQLite as on
-  PostgreSQL the whole ``upgrade`` runs in one transaction and a failing migration leaves
-  the database as it was.
+  pysqlite, which sends no ``BEGIN`` before DDL, so each statement commits on its own);
+  asyncorm sends a real ``BEGIN``, so on SQLite as on PostgreSQL the whole ``upgrade`` runs
+  in one transaction and a failing migration leaves the database as it was.
 """
 
 from __future__ import annotations

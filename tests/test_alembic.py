@@ -1,0 +1,325 @@
+"""Alembic's async env.py with asyncorm.create_engine: examples/alembic/ on both backends.
+
+Each test copies the example project to a temporary directory and runs Alembic's command
+API (in a worker thread: env.py runs its own event loop with ``asyncio.run``, as under the
+``alembic`` command), then looks at the database with an engine of the application's
+kind (SQLite foreign keys on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, String, inspect, text
+from sqlalchemy.exc import IntegrityError
+
+import asyncorm
+from tests.conftest import Backend
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "alembic"
+TABLES = ("books", "authors", "reviews", "alembic_version")
+
+AUTHORS = [(1, "ann"), (2, "bob"), (3, "cat")]
+BOOKS = [(n, f"book {n}", n % 3 + 1) for n in range(1, 61)]
+
+
+@dataclass
+class Project:
+    """A copy of examples/alembic and the Alembic Config for it."""
+
+    path: Path
+    config: Config
+    url: str
+
+    def add_revision(self, rev: str, down: str, body: str) -> None:
+        """Write versions/<rev>_extra.py with ``body`` as its upgrade()."""
+        source = (
+            f'"""extra revision {rev}"""\n\n'
+            "import sqlalchemy as sa\nfrom alembic import op\n\n"
+            f"revision = {rev!r}\ndown_revision = {down!r}\n"
+            "branch_labels = None\ndepends_on = None\n\n\n"
+            f"def upgrade() -> None:\n{body}\n\n\ndef downgrade() -> None:\n    pass\n"
+        )
+        (self.path / "migrations" / "versions" / f"{rev}_extra.py").write_text(source)
+
+    async def run(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """``alembic <name> <args>`` through the command API, off the event loop."""
+        await asyncio.to_thread(getattr(command, name), self.config, *args, **kwargs)
+
+
+async def drop_tables(url: str) -> None:
+    engine = asyncorm.create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for table in TABLES:
+                await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def project(backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    path = tmp_path / "project"
+    shutil.copytree(EXAMPLE, path, ignore=shutil.ignore_patterns("__pycache__", "*.db"))
+    monkeypatch.setenv("ASYNCORM_URL", backend.url)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # Alembic prepends the project's path
+    config = Config(str(path / "alembic.ini"))
+    config.attributes["configure_logger"] = False  # keep pytest's logging as it is
+    if not backend.is_sqlite:
+        asyncio.run(drop_tables(backend.url))
+    try:
+        yield Project(path, config, backend.url)
+    finally:
+        sys.modules.pop("models", None)  # the copy's models module, imported by env.py
+        if not backend.is_sqlite:
+            asyncio.run(drop_tables(backend.url))
+
+
+@pytest.fixture
+async def app_engine(project: Project) -> AsyncIterator[Any]:
+    """An engine as the application makes it (on SQLite: foreign keys enforced)."""
+    engine = asyncorm.create_engine(project.url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _schema(conn: Connection) -> dict[str, Any]:
+    inspector = inspect(conn)
+    tables = set(inspector.get_table_names())
+    schema: dict[str, Any] = {"tables": tables}
+    if "authors" in tables:
+        columns = {c["name"]: c["type"] for c in inspector.get_columns("authors")}
+        assert isinstance(columns["name"], String)
+        schema["name_length"] = columns["name"].length
+        schema["columns"] = set(columns)
+        schema["checks"] = {c["name"] for c in inspector.get_check_constraints("authors")}
+        foreign_keys = inspector.get_foreign_keys("books")
+        schema["books_refer_to"] = [fk["referred_table"] for fk in foreign_keys]
+    if "alembic_version" in tables:
+        schema["version"] = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return schema
+
+
+async def schema(engine: Any) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        result: dict[str, Any] = await conn.run_sync(_schema)
+        return result
+
+
+async def seed(engine: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO authors (id, name) VALUES (:id, :name)"),
+            [{"id": i, "name": name} for i, name in AUTHORS],
+        )
+        await conn.execute(
+            text("INSERT INTO books (id, title, author_id) VALUES (:id, :title, :author)"),
+            [{"id": i, "title": title, "author": author} for i, title, author in BOOKS],
+        )
+
+
+async def books(engine: Any) -> list[tuple[int, str, int]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(text("SELECT id, title, author_id FROM books ORDER BY id"))
+        return [(row[0], row[1], row[2]) for row in rows]
+
+
+async def test_upgrade_head_matches_the_models_and_downgrade_base_empties(
+    project: Project, app_engine: Any
+) -> None:
+    await project.run("upgrade", "head")
+    after = await schema(app_engine)
+    assert after["tables"] == {"authors", "books", "alembic_version"}
+    assert after["version"] == "0003"
+    assert after["columns"] == {"id", "name", "email"}
+    assert after["name_length"] == 200
+    assert after["checks"] == {"ck_authors_name_not_empty"}
+    assert after["books_refer_to"] == ["authors"]
+    await project.run("check")  # autogenerate finds no difference with models.py
+
+    await project.run("downgrade", "0002")
+    before = await schema(app_engine)
+    assert (before["version"], before["name_length"], before["checks"]) == ("0002", 50, set())
+
+    await project.run("downgrade", "base")
+    assert (await schema(app_engine))["tables"] == {"alembic_version"}
+
+
+async def test_batch_rebuild_of_a_parent_table_keeps_every_child_row(
+    project: Project, app_engine: Any, backend: Backend
+) -> None:
+    await project.run("upgrade", "0002")
+    await seed(app_engine)
+
+    await project.run("upgrade", "head")  # on SQLite: authors rebuilt under its 60 books
+
+    assert await books(app_engine) == BOOKS
+    after = await schema(app_engine)
+    assert (after["name_length"], after["books_refer_to"]) == (200, ["authors"])
+    if backend.is_sqlite:
+        async with app_engine.connect() as conn:
+            sql = await conn.scalar(text("SELECT sql FROM sqlite_master WHERE name='authors'"))
+        assert sql.startswith('CREATE TABLE "authors"')  # the renamed copy: it was rebuilt
+    # the references still hold, and still cascade, in the application's engine
+    async with app_engine.connect() as conn:
+        with pytest.raises(IntegrityError, match=r"(?i)foreign key"):
+            await conn.execute(text("INSERT INTO books VALUES (99, 'orphan', 99)"))
+    async with app_engine.begin() as conn:
+        await conn.execute(text("DELETE FROM authors WHERE id = 1"))
+    assert await books(app_engine) == [book for book in BOOKS if book[2] != 1]
+
+    await project.run("downgrade", "0002")  # the rebuild back keeps them too
+    assert await books(app_engine) == [book for book in BOOKS if book[2] != 1]
+    assert (await schema(app_engine))["name_length"] == 50
+
+
+async def test_without_foreign_keys_off_the_sqlite_rebuild_deletes_the_children(
+    project: Project, app_engine: Any, backend: Backend
+) -> None:
+    """Why env.py passes sqlite_foreign_keys=False: what the rebuild does without it."""
+    if not backend.is_sqlite:
+        pytest.skip("SQLite only: PostgreSQL alters the table in place")
+    env = project.path / "migrations" / "env.py"
+    source = env.read_text()
+    turned_off = '        options["sqlite_foreign_keys"] = False\n'
+    assert turned_off in source
+    env.write_text(source.replace(turned_off, "        pass\n"))
+    await project.run("upgrade", "0002")
+    await seed(app_engine)
+
+    await project.run("upgrade", "head")
+
+    # DROP TABLE authors, with foreign keys on, deleted the books (ON DELETE CASCADE)
+    assert await books(app_engine) == []
+    assert (await schema(app_engine))["version"] == "0003"
+
+
+FAILING_REBUILD = """\
+    op.create_table("reviews", sa.Column("id", sa.Integer(), primary_key=True))
+    with op.batch_alter_table("authors") as batch:  # 'ann' violates it: the copy fails
+        batch.create_check_constraint("ck_no_ann", "name <> 'ann'")"""
+
+
+async def test_a_failing_migration_rolls_back_all_its_ddl(
+    project: Project, app_engine: Any
+) -> None:
+    await project.run("upgrade", "0003")
+    await seed(app_engine)
+    project.add_revision("0004", "0003", FAILING_REBUILD)
+
+    with pytest.raises(IntegrityError, match=r"(?i)check constraint.*ck_no_ann"):
+        await project.run("upgrade", "head")
+
+    after = await schema(app_engine)
+    assert after["tables"] == {"authors", "books", "alembic_version"}  # no reviews, no tmp
+    assert after["version"] == "0003"
+    assert after["checks"] == {"ck_authors_name_not_empty"}
+    assert await books(app_engine) == BOOKS
+    # nothing is left holding a lock: the application writes at once
+    async with app_engine.begin() as conn:
+        await conn.execute(text("INSERT INTO authors (id, name) VALUES (4, 'dan')"))
+
+
+async def test_a_failing_upgrade_from_base_leaves_nothing(
+    project: Project, app_engine: Any
+) -> None:
+    project.add_revision("0004", "0003", '    op.execute("SELECT * FROM no_such_table")')
+
+    with pytest.raises(Exception, match="no_such_table"):
+        await project.run("upgrade", "head")
+
+    # 0001 to 0003 ran in the same transaction: the database is as it was
+    assert (await schema(app_engine))["tables"] == set()
+
+
+OUTSIDE_THE_TRANSACTION = """\
+    op.create_table("reviews", sa.Column("id", sa.Integer(), primary_key=True))
+    with op.get_context().autocommit_block():  # commits what came before
+        if op.get_bind().dialect.name == "sqlite":
+            op.execute("VACUUM")
+        else:
+            op.execute("CREATE INDEX CONCURRENTLY ix_books_title ON books (title)")
+    op.execute("INSERT INTO reviews (id) VALUES (1)")
+    op.execute("SELECT * FROM no_such_table")"""
+
+
+async def test_statements_refused_in_a_transaction_run_in_an_autocommit_block(
+    project: Project, app_engine: Any, backend: Backend
+) -> None:
+    """VACUUM (SQLite) and CREATE INDEX CONCURRENTLY (PostgreSQL) run outside the
+    migration's transaction; what follows the block is transactional again."""
+    await project.run("upgrade", "0003")
+    project.add_revision("0004", "0003", OUTSIDE_THE_TRANSACTION)
+
+    with pytest.raises(Exception, match="no_such_table"):
+        await project.run("upgrade", "head")
+
+    after = await schema(app_engine)
+    assert after["version"] == "0003"
+    assert "reviews" in after["tables"]  # committed by the autocommit block
+    async with app_engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM reviews")) == 0  # rolled back
+        if not backend.is_sqlite:
+            found = await conn.scalar(text("SELECT to_regclass('ix_books_title')::text"))
+            assert found == "ix_books_title"
+
+
+async def test_sqlite_orphans_left_by_a_migration_roll_it_back(
+    project: Project, app_engine: Any, backend: Backend
+) -> None:
+    if not backend.is_sqlite:
+        pytest.skip("SQLite only: PostgreSQL enforces foreign keys during migrations")
+    await project.run("upgrade", "0003")
+    await seed(app_engine)
+    project.add_revision("0004", "0003", '    op.execute("DELETE FROM authors WHERE id = 2")')
+
+    with pytest.raises(RuntimeError, match=r"left 20 row\(s\) referring to missing parents"):
+        await project.run("upgrade", "head")
+
+    assert (await schema(app_engine))["version"] == "0003"
+    assert await books(app_engine) == BOOKS
+    async with app_engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM authors")) == 3
+
+
+def test_the_alembic_command_line(project: Project, backend: Backend) -> None:
+    """`alembic upgrade head` as a user types it (logging from alembic.ini, -W error)."""
+
+    def alembic(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-W", "error", "-m", "alembic", *args],
+            cwd=project.path,
+            env={**os.environ, "ASYNCORM_URL": backend.url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    online = alembic("upgrade", "head")
+    assert "Running upgrade 0002 -> 0003, widen author name" in online.stderr
+    assert "Will assume transactional DDL" in online.stderr
+    assert alembic("current").stdout.strip() == "0003 (head)"
+    assert "Running downgrade 0001 -> " in alembic("downgrade", "base").stderr
+
+    # offline: SQL for the DBA, no connection (the SQLite batch needs the live table: 0002)
+    offline = alembic("upgrade", "0002" if backend.is_sqlite else "head", "--sql").stdout
+    assert re.search(r"CREATE TABLE authors \(", offline)
+    assert "ALTER TABLE authors ADD COLUMN email VARCHAR(200)" in offline
+    assert offline.rstrip().endswith("COMMIT;")
