@@ -14,7 +14,8 @@ Changes from the template:
 * ``transactional_ddl=True``: Alembic assumes SQLite cannot roll DDL back (true of stock
   pysqlite, which sends no ``BEGIN`` before DDL, so each statement commits on its own);
   asyncorm sends a real ``BEGIN``, so on SQLite as on PostgreSQL the whole ``upgrade`` runs
-  in one transaction and a failing migration leaves the database as it was.
+  in one transaction and a failing migration leaves the database as it was. On SQLite that
+  transaction begins ``BEGIN IMMEDIATE``, holding the write lock from its first statement.
 """
 
 from __future__ import annotations
@@ -76,15 +77,22 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     """Run the migrations in one transaction on ``connection`` (in SQLAlchemy's greenlet)."""
+    sqlite = connection.dialect.name == "sqlite"
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         transactional_ddl=True,  # asyncorm's SQLite profile makes DDL transactional
-        render_as_batch=connection.dialect.name == "sqlite",  # autogenerate batch ops
+        render_as_batch=sqlite,  # autogenerate writes batch operations for SQLite
     )
     with context.begin_transaction():
+        if sqlite:
+            # take SQLite's write lock before the first read (asyncorm's own BEGIN would be
+            # deferred, as the migration starts by reading alembic_version): another
+            # process's writers then wait for the migration, or it for them, instead of
+            # its first write failing on a stale snapshot
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         context.run_migrations()
-        if connection.dialect.name == "sqlite":
+        if sqlite:
             # foreign keys were off: check them before committing, roll back on a violation
             broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
             if broken:
