@@ -210,6 +210,32 @@ async def test_without_foreign_keys_off_the_sqlite_rebuild_deletes_the_children(
     assert (await schema(app_engine))["version"] == "0003"
 
 
+async def test_migrations_on_the_applications_own_connection(
+    project: Project, app_engine: Any, backend: Backend
+) -> None:
+    """Alembic's connection sharing: env.py migrates a connection handed to it, here one of
+    the application's engine, with SQLite foreign keys turned off on it first."""
+    await project.run("upgrade", "0002")
+    await seed(app_engine)
+
+    def upgrade(connection: Connection) -> None:
+        project.config.attributes["connection"] = connection
+        command.upgrade(project.config, "head")
+
+    async with app_engine.connect() as conn:
+        if backend.is_sqlite:
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # before any transaction
+            await conn.commit()
+        await conn.run_sync(upgrade)
+        if backend.is_sqlite:
+            await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            await conn.commit()
+            assert await conn.scalar(text("PRAGMA foreign_keys")) == 1
+
+    assert await books(app_engine) == BOOKS
+    assert (await schema(app_engine))["version"] == "0003"
+
+
 FAILING_REBUILD = """\
     op.create_table("reviews", sa.Column("id", sa.Integer(), primary_key=True))
     with op.batch_alter_table("authors") as batch:  # 'ann' violates it: the copy fails
@@ -289,7 +315,8 @@ async def test_sqlite_orphans_left_by_a_migration_roll_it_back(
     await seed(app_engine)
     project.add_revision("0004", "0003", '    op.execute("DELETE FROM authors WHERE id = 2")')
 
-    with pytest.raises(RuntimeError, match=r"left 20 row\(s\) referring to missing parents"):
+    orphans = r"left 20 row\(s\) referring to missing parents \(books rowid 1 -> authors, books"
+    with pytest.raises(RuntimeError, match=orphans):
         await project.run("upgrade", "head")
 
     assert (await schema(app_engine))["version"] == "0003"
@@ -365,3 +392,13 @@ def test_the_alembic_command_line(project: Project, backend: Backend) -> None:
     assert re.search(r"CREATE TABLE authors \(", offline)
     assert "ALTER TABLE authors ADD COLUMN email VARCHAR(200)" in offline
     assert offline.rstrip().endswith("COMMIT;")
+
+
+def test_the_env_py_shown_in_the_docs_is_the_examples() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "alembic.md").read_text()
+    shown = re.findall(r"```python\n(.*?)```", docs, re.S)[0]
+    env = (EXAMPLE / "migrations" / "env.py").read_text()
+    for line in shown.splitlines():
+        code = line.split("#")[0].strip()
+        if code and "..." not in code:
+            assert code in env, line

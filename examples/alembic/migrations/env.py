@@ -119,8 +119,17 @@ async def run_async_migrations() -> None:
 
 
 def run_migrations_online() -> None:
-    """Run migrations in 'online' mode, against the database."""
-    asyncio.run(run_async_migrations())
+    """Run migrations in 'online' mode, against the database.
+
+    A program that runs Alembic on a connection of its own (at start-up, in a test) passes
+    it as ``config.attributes["connection"]`` from ``AsyncConnection.run_sync``; on SQLite
+    it turns foreign keys off on that connection first (see docs/alembic.md).
+    """
+    connection = config.attributes.get("connection")
+    if connection is None:
+        asyncio.run(run_async_migrations())
+    else:
+        do_run_migrations(connection)
 
 
 if context.is_offline_mode():
