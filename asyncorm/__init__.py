@@ -21,6 +21,7 @@ from ._errors import (
     EventLoopMismatchError,
     LazyLoadError,
     NoSessionScopeError,
+    OnCommitError,
     ReadOnlySessionError,
     ScopeError,
     SQLiteWriteLockError,
@@ -31,6 +32,7 @@ from ._errors import (
 from ._query import AsyncQuery, AwaitableExists
 from ._registry import async_scoped_session
 from ._session import AsyncSession, async_sessionmaker
+from ._transaction import Backoff, is_retryable, transactional
 
 __version__ = "0.1.0"
 
@@ -40,11 +42,13 @@ __all__ = [
     "AsyncQuery",
     "AsyncSession",
     "AwaitableExists",
+    "Backoff",
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "OnCommitError",
     "ReadOnlySessionError",
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
@@ -54,5 +58,7 @@ __all__ = [
     "async_scoped_session",
     "async_sessionmaker",
     "create_engine",
+    "is_retryable",
     "redact_url",
+    "transactional",
 ]

@@ -13,6 +13,7 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── ScopeError                (also RuntimeError)
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
+    ├── OnCommitError             (also RuntimeError)
     └── SQLiteWriteLockError      (also RuntimeError)
         └── SQLiteWriteLockTimeout (also TimeoutError)
 """
@@ -30,6 +31,7 @@ __all__ = [
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "OnCommitError",
     "ReadOnlySessionError",
     "SQLiteWriteLockError",
     "SQLiteWriteLockTimeout",
@@ -165,6 +167,35 @@ class TransactionOutcomeUnknownError(AsyncORMError, RuntimeError):
             async with Session() as session:
                 done = await session.scalar(select(Payment.id).filter_by(key=key))
     """
+
+
+class OnCommitError(AsyncORMError, RuntimeError):
+    """The transaction committed, and one or more of its ``on_commit`` callbacks failed.
+
+    Every callback ran, in order, even after one failed; this error is raised once they all
+    have, by the ``commit()`` (or the commit of the ``begin()`` block) that committed. Its
+    ``errors`` are the callbacks' exceptions, in order, and its ``__cause__`` the first of
+    them. The data is committed: never run the transaction again because of it (a
+    ``transactional`` unit does not retry it); repeat or repair the failed side effects.
+
+    Example::
+
+        try:
+            await session.commit()
+        except asyncorm.OnCommitError as exc:
+            for error in exc.errors:
+                log.error("side effect failed after commit: %r", error)
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, message: str, errors: list[Exception]) -> None:
+        super().__init__(message)
+        self.errors = errors
+        """The exceptions the failed callbacks raised, in order."""
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.args[0], self.errors)
 
 
 class ReadOnlySessionError(AsyncORMError, sa_exc.InvalidRequestError):
