@@ -26,6 +26,7 @@ from ._errors import (
     ScopeError,
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
+    TransactionalUnitError,
     TransactionOutcomeUnknownError,
     WriteConflictError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "SQLiteWriteLockTimeout",
     "ScopeError",
     "TransactionOutcomeUnknownError",
+    "TransactionalUnitError",
     "WriteConflictError",
     "async_scoped_session",
     "async_sessionmaker",

@@ -14,6 +14,7 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
     ├── OnCommitError             (also RuntimeError)
+    ├── TransactionalUnitError    (also sqlalchemy.exc.InvalidRequestError)
     └── SQLiteWriteLockError      (also RuntimeError)
         └── SQLiteWriteLockTimeout (also TimeoutError)
 """
@@ -37,6 +38,7 @@ __all__ = [
     "SQLiteWriteLockTimeout",
     "ScopeError",
     "TransactionOutcomeUnknownError",
+    "TransactionalUnitError",
     "WriteConflictError",
 ]
 
@@ -196,6 +198,26 @@ class OnCommitError(AsyncORMError, RuntimeError):
 
     def __reduce__(self) -> Any:
         return type(self), (self.args[0], self.errors)
+
+
+class TransactionalUnitError(AsyncORMError, sa_exc.InvalidRequestError):
+    """A ``transactional`` unit's function asked for a commit of its own.
+
+    A unit (``@db.transactional``, ``asyncorm.transactional(Session)``) commits when its
+    function returns, and may run the function again after a retryable error; a commit in
+    the middle would make that retry apply the committed part twice. The commit is refused
+    before anything is sent, and the unit's transaction rolls back. Remove the commit, or
+    split the work into units called one after the other.
+
+    Example::
+
+        @db.transactional
+        async def job() -> None:
+            db.add(Order())
+            await db.commit()   # raises TransactionalUnitError
+
+    .. versionadded:: 0.2
+    """
 
 
 class ReadOnlySessionError(AsyncORMError, sa_exc.InvalidRequestError):

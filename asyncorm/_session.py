@@ -19,7 +19,7 @@ from ._cancellation import (
     hold_cancellations,
     run_to_completion,
 )
-from ._errors import TransactionOutcomeUnknownError
+from ._errors import TransactionalUnitError, TransactionOutcomeUnknownError
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
@@ -133,6 +133,9 @@ class AsyncSession(sa_asyncio.AsyncSession):
     """The name of that operation."""
     _asyncorm_on_commit: Pending | None = None
     """The session's on_commit callbacks (see ``_oncommit``), None until the first one."""
+    _asyncorm_unit: str | None = None
+    """The name of the transactional unit whose function runs in this session, if any: the
+    unit commits when it returns, and refuses a commit in the middle (see ``_transaction``)."""
 
     # -- the concurrent-use guard on every awaitable member ---------------------------------
 
@@ -427,6 +430,8 @@ async def _commit_in_two_phases(
     3. Once committed, the session's ``on_commit`` callbacks run, cancellations still held
        (see :mod:`asyncorm._oncommit`).
     """
+    if session._asyncorm_unit is not None:
+        raise _commit_in_unit(session._asyncorm_unit)
     task = asyncio.current_task()
     requested = task.cancelling() if task is not None else 0
     sync_session = session.sync_session
@@ -464,6 +469,15 @@ async def _commit_in_two_phases(
     if ready:
         # the side effects of committed data: they run even if a cancellation arrives
         await hold_cancellations(run_ready(session, ready), held)
+
+
+def _commit_in_unit(name: str) -> TransactionalUnitError:
+    return TransactionalUnitError(
+        f"A commit was requested inside the transactional unit {name}(), which commits when "
+        f"{name}() returns. A commit in the middle would make a retry apply the committed "
+        f"part twice; nothing was committed. Remove the commit, or split the work into two "
+        f"units called one after the other."
+    )
 
 
 def _outcome_unknown(exc: BaseException) -> bool:

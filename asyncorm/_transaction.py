@@ -280,7 +280,7 @@ async def run_unit(
     while True:
         attempt += 1
         try:
-            return await _attempt(key, registry, call, s, task)
+            return await _attempt(key, registry, call, s, task, name)
         except Exception as exc:
             retryable = is_retryable(exc)
             if not retryable or attempt > s.retries:
@@ -317,6 +317,7 @@ async def _attempt(
     call: Callable[[AsyncSession], Awaitable[_T]],
     s: Settings,
     task: asyncio.Task[Any],
+    name: str,
 ) -> _T:
     """One attempt: a new session, begin, ``call``, commit, close."""
     held: list[asyncio.CancelledError] = []
@@ -335,7 +336,9 @@ async def _attempt(
     try:
         try:
             await _begin(session, s)
+            session._asyncorm_unit = name
             result = await call(session)
+            session._asyncorm_unit = None
             await session._commit_holding(held)
         except BaseException:
             _reset(token)

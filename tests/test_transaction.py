@@ -620,3 +620,36 @@ async def test_backoff_grows_is_bounded_and_jittered() -> None:
     assert asyncorm.Backoff(jitter=False)(3) == 0.04
     with pytest.raises(ValueError, match="Backoff needs 0 <= initial <= maximum"):
         asyncorm.Backoff(initial=2, maximum=1)
+
+
+async def test_a_commit_inside_a_unit_is_refused_and_nothing_is_committed(
+    db: Registry, Session: SessionFactory
+) -> None:
+    calls = 0
+
+    @db.transactional(retries=5)
+    async def commits_midway() -> None:
+        nonlocal calls
+        calls += 1
+        db.add(User(name="first part"))
+        await db.commit()
+
+    with pytest.raises(
+        asyncorm.TransactionalUnitError,
+        match=r"A commit was requested inside the transactional unit .*commits_midway\(\), "
+        r"which commits when .*commits_midway\(\) returns\. A commit in the middle would make "
+        r"a retry apply the committed part twice; nothing was committed",
+    ):
+        await commits_midway()
+    assert calls == 1
+
+    @db.transactional
+    async def begins_a_block() -> None:
+        async with db.begin():
+            db.add(User(name="in a block"))
+
+    with pytest.raises(asyncorm.TransactionalUnitError, match="begins_a_block"):
+        await begins_a_block()
+    async with Session() as session:
+        assert await session.scalar(select(User.id)) is None
+    assert db.live_sessions == 0
