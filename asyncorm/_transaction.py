@@ -277,13 +277,15 @@ async def run_unit(
         async with session.begin_nested():
             return await call(session)
     attempt = 0
+    cancelling = task.cancelling()
     while True:
         attempt += 1
         try:
             return await _attempt(key, registry, call, s, task, name)
         except Exception as exc:
             retryable = is_retryable(exc)
-            if not retryable or attempt > s.retries:
+            # a cancellation requested meanwhile (still pending) ends the unit too
+            if not retryable or attempt > s.retries or task.cancelling() > cancelling:
                 _annotate(exc, name, attempt, s.retries, exhausted=retryable)
                 raise
             pause = s.backoff(attempt)
