@@ -32,8 +32,9 @@ from ._errors import (
 )
 from ._query import AsyncQuery, AwaitableExists
 from ._registry import async_scoped_session
+from ._retry import Backoff, is_retryable
 from ._session import AsyncSession, async_sessionmaker
-from ._transaction import Backoff, is_retryable, transactional
+from ._transaction import transactional
 
 __version__ = "0.1.0"
 

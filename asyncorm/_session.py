@@ -70,6 +70,8 @@ class AsyncSession(sa_asyncio.AsyncSession):
       interrupt it: once it succeeded they return normally and the cancellation is delivered
       at the task's next await; a connection lost during COMMIT raises
       :class:`~asyncorm.TransactionOutcomeUnknownError` (docs/errors.md, "Cancellation").
+    * **on_commit(fn)**: side effects that run after the outermost transaction commits, in
+      order, and are dropped when it rolls back (see :meth:`on_commit`).
     * **write=True** (here, on the factory, or ``db.scope(write=True)``): every transaction of
       the session is a declared unit of work, as if begun with ``session.begin()``: on SQLite
       it takes the writer turn before its first read (``BEGIN IMMEDIATE``), so a

@@ -9,12 +9,14 @@ connection outside the engine, a backend terminated before COMMIT. Tasks meet on
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
 from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session as SyncSession
@@ -653,3 +655,42 @@ async def test_a_commit_inside_a_unit_is_refused_and_nothing_is_committed(
     async with Session() as session:
         assert await session.scalar(select(User.id)) is None
     assert db.live_sessions == 0
+
+
+async def test_is_retryable_reads_the_drivers_own_errors(backend: Backend) -> None:
+    """The drivers' exceptions, not wrapped by SQLAlchemy, are judged the same way."""
+    if backend.is_sqlite:
+        path = make_url(backend.url).database
+        assert path
+        first = sqlite3.connect(path, isolation_level=None, timeout=0)
+        second = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            first.execute("BEGIN IMMEDIATE")
+            with pytest.raises(sqlite3.OperationalError, match="database is locked") as raised:
+                second.execute("BEGIN IMMEDIATE")
+            with pytest.raises(sqlite3.OperationalError, match="no such table") as other:
+                second.execute("SELECT * FROM missing")
+        finally:
+            first.close()
+            second.close()
+    else:
+        import asyncpg  # type: ignore[import-not-found,unused-ignore]
+
+        url = make_url(backend.url)
+        conn = await asyncpg.connect(
+            host=url.host, port=url.port, user=url.username, database=url.database
+        )
+        try:
+            with pytest.raises(asyncpg.SerializationError) as raised:
+                await conn.execute(str(SERIALIZATION_FAILURE))
+            with pytest.raises(asyncpg.UndefinedTableError) as other:
+                await conn.execute("SELECT * FROM missing")
+        finally:
+            await conn.close()
+    assert asyncorm.is_retryable(raised.value)
+    assert not asyncorm.is_retryable(other.value)
+    assert not asyncorm.is_retryable(ValueError("nothing to do with a database"))
+    assert not asyncorm.is_retryable(asyncorm.TransactionOutcomeUnknownError("unknown"))
+    assert not asyncorm.is_retryable(asyncorm.SQLiteWriteLockTimeout("waited too long"))
+    assert not asyncorm.is_retryable(asyncio.CancelledError())
+    assert asyncorm.is_retryable(conflict())
