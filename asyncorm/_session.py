@@ -470,7 +470,16 @@ async def _commit_in_two_phases(
     ready = take_ready(session)
     if ready:
         # the side effects of committed data: they run even if a cancellation arrives
-        await hold_cancellations(run_ready(session, ready), held)
+        try:
+            await hold_cancellations(run_ready(session, ready), held)
+        except asyncio.CancelledError:
+            if not held:
+                raise
+            # a callback given up on after the grace period: the held cancellation is the
+            # one to raise (once), not the callback's own
+            cancelled = held[0]
+            held.clear()
+            raise cancelled from None
 
 
 def _commit_in_unit(name: str) -> TransactionalUnitError:

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 import asyncorm
+from asyncorm import _cancellation
 from tests.models import User
 
 SessionFactory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
@@ -178,3 +179,34 @@ def test_on_commit_refuses_what_it_cannot_call(Session: SessionFactory) -> None:
     session = Session()
     with pytest.raises(TypeError, match=r"on_commit\(\) takes a callable .* got 'send'"):
         session.on_commit("send")  # type: ignore[type-var]
+
+
+async def test_a_cancellation_waits_for_the_callbacks_then_gives_up_on_a_stuck_one(
+    Session: SessionFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while a callback runs: the callback is waited for (here no grace at all,
+    so it is cancelled at once), the rest are dropped, the cancellation is raised once, and
+    the data stays committed."""
+    monkeypatch.setattr(_cancellation, "CLEANUP_GRACE", 0.0)
+    ran: list[str] = []
+    stuck = asyncio.Event()
+
+    async def waits_forever() -> None:
+        ran.append("started")
+        stuck.set()
+        await asyncio.Event().wait()
+
+    async def commit_with_callbacks() -> None:
+        async with Session() as session:
+            session.add(User(name="ann"))
+            session.on_commit(waits_forever)
+            session.on_commit(lambda: ran.append("dropped"))
+            await session.commit()
+
+    task = asyncio.create_task(commit_with_callbacks())
+    await stuck.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ran == ["started"]
+    assert await user_count(Session) == 1
