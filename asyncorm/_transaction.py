@@ -197,7 +197,7 @@ async def run_unit(
             retryable = is_retryable(exc)
             # a cancellation requested meanwhile (still pending) ends the unit too
             if not retryable or attempt > s.retries or task.cancelling() > cancelling:
-                _annotate(exc, name, attempt, s.retries, exhausted=retryable)
+                _annotate(exc, name, attempt, s.retries, retryable and attempt > s.retries)
                 raise
             pause = s.backoff(attempt)
             if s.on_retry is not None:
@@ -305,7 +305,9 @@ def _dialect_name(session: AsyncSession) -> str | None:
     return bind.dialect.name
 
 
-def _annotate(exc: BaseException, name: str, attempts: int, retries: int, exhausted: bool) -> None:
+def _annotate(
+    exc: BaseException, name: str, attempts: int, retries: int, exhausted: bool
+) -> None:
     """Attach the attempt count to the error leaving a unit (``asyncorm_attempts``, a note)."""
     exc.asyncorm_attempts = attempts  # type: ignore[attr-defined]
     if exhausted:

@@ -103,12 +103,22 @@ async def test_jobs_claimed_with_skip_locked_by_eight_workers_are_each_applied_o
     await check_jobs(backend, "table", tmp_path, 400)
 
 
-@pytest.mark.parametrize(("mode", "sig"), [("queue", signal.SIGTERM), ("table", signal.SIGINT)])
+@pytest.mark.parametrize(
+    ("mode", "sig", "grace"),
+    [
+        ("queue", signal.SIGTERM, "10"),  # the jobs in flight finish
+        ("table", signal.SIGINT, "10"),
+        ("table", signal.SIGTERM, "0"),  # the jobs in flight are cancelled: they roll back
+    ],
+)
 async def test_a_signal_mid_run_stops_with_nothing_half_done(
-    backend: Backend, mode: str, sig: signal.Signals, tmp_path: Path
+    backend: Backend, mode: str, sig: signal.Signals, grace: str, tmp_path: Path
 ) -> None:
     process = await asyncio.create_subprocess_exec(
-        *command(backend, "--mode", mode, "--jobs", "1000", "--workers", "8", "--announce"),
+        *command(backend, "--mode", mode, "--jobs", "1000", "--workers", "8"),
+        "--announce",
+        "--grace",
+        grace,
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
