@@ -355,6 +355,10 @@ def decorate_for_factory(
             factory, None, lambda session: fn(session, *args, **kwargs), s, name
         )
 
+    with contextlib.suppress(TypeError, ValueError):  # the caller does not pass the session
+        signature = inspect.signature(fn)
+        parameters = list(signature.parameters.values())[1:]
+        unit.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     return unit
 
 

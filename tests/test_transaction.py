@@ -9,6 +9,7 @@ connection outside the engine, a backend terminated before COMMIT. Tasks meet on
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
@@ -694,3 +695,12 @@ async def test_is_retryable_reads_the_drivers_own_errors(backend: Backend) -> No
     assert not asyncorm.is_retryable(asyncorm.SQLiteWriteLockTimeout("waited too long"))
     assert not asyncorm.is_retryable(asyncio.CancelledError())
     assert asyncorm.is_retryable(conflict())
+
+
+def test_the_plain_factory_variant_shows_the_signature_callers_use() -> None:
+    @asyncorm.transactional(asyncorm.async_sessionmaker())
+    async def deposit(session: asyncorm.AsyncSession, amount: int, *, note: str = "") -> int:
+        return amount
+
+    assert str(inspect.signature(deposit)) == "(amount: 'int', *, note: 'str' = '') -> 'int'"
+    assert deposit.__name__ == "deposit"
