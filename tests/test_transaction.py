@@ -104,14 +104,17 @@ async def test_deferred_sqlite_increments_conflict_retry_and_end_exact(
     everyone_read = asyncio.Barrier(5)
     level = "DEFERRED" if backend.is_sqlite else "REPEATABLE READ"
 
+    waited: set[int] = set()
+
     @db.transactional(retries=100, isolation_level=level, on_retry=retries, backoff=FAST)
-    async def increment(first_round: bool) -> None:
+    async def increment(n: int) -> None:
         account = await db.get_one(Account, 1)
-        if first_round and not retries.errors:
-            await everyone_read.wait()  # the first 5 all read before anyone writes
+        if n < 5 and n not in waited:  # the first 5, on their first attempt, all read
+            waited.add(n)  # before any of them writes
+            await everyone_read.wait()
         account.balance += 1
 
-    await asyncio.gather(*(increment(n < 5) for n in range(20)))
+    await asyncio.gather(*(increment(n) for n in range(20)))
     assert await balances(Session) == [20]
     assert len(retries.errors) >= 4  # of the 5 that read together, one wins, four retry
     expected = asyncorm.WriteConflictError if backend.is_sqlite else DBAPIError
