@@ -23,18 +23,22 @@ from ._errors import (
     EventLoopMismatchError,
     LazyLoadError,
     NoSessionScopeError,
+    OnCommitError,
     PoolTimeoutError,
     ReadOnlySessionError,
     ScopeError,
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
     TLSVerificationError,
+    TransactionalUnitError,
     TransactionOutcomeUnknownError,
     WriteConflictError,
 )
 from ._query import AsyncQuery, AwaitableExists
 from ._registry import async_scoped_session
+from ._retry import Backoff, is_retryable
 from ._session import AsyncSession, async_sessionmaker
+from ._transaction import transactional
 
 __version__ = "0.1.0"
 
@@ -44,6 +48,7 @@ __all__ = [
     "AsyncQuery",
     "AsyncSession",
     "AwaitableExists",
+    "Backoff",
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "ConnectionLostError",
@@ -51,6 +56,7 @@ __all__ = [
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "OnCommitError",
     "PoolTimeoutError",
     "ReadOnlySessionError",
     "SQLiteWriteLockError",
@@ -58,9 +64,12 @@ __all__ = [
     "ScopeError",
     "TLSVerificationError",
     "TransactionOutcomeUnknownError",
+    "TransactionalUnitError",
     "WriteConflictError",
     "async_scoped_session",
     "async_sessionmaker",
     "create_engine",
+    "is_retryable",
     "redact_url",
+    "transactional",
 ]

@@ -17,6 +17,8 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── TransactionOutcomeUnknownError (also RuntimeError)
     ├── PoolTimeoutError          (also sqlalchemy.exc.TimeoutError)
     ├── TLSVerificationError      (also ssl.SSLCertVerificationError)
+    ├── OnCommitError             (also RuntimeError)
+    ├── TransactionalUnitError    (also sqlalchemy.exc.InvalidRequestError)
     └── SQLiteWriteLockError      (also RuntimeError)
         └── SQLiteWriteLockTimeout (also TimeoutError)
 """
@@ -37,6 +39,7 @@ __all__ = [
     "EventLoopMismatchError",
     "LazyLoadError",
     "NoSessionScopeError",
+    "OnCommitError",
     "PoolTimeoutError",
     "ReadOnlySessionError",
     "SQLiteWriteLockError",
@@ -44,6 +47,7 @@ __all__ = [
     "ScopeError",
     "TLSVerificationError",
     "TransactionOutcomeUnknownError",
+    "TransactionalUnitError",
     "WriteConflictError",
 ]
 
@@ -173,6 +177,55 @@ class TransactionOutcomeUnknownError(AsyncORMError, RuntimeError):
         except asyncorm.TransactionOutcomeUnknownError:
             async with Session() as session:
                 done = await session.scalar(select(Payment.id).filter_by(key=key))
+    """
+
+
+class OnCommitError(AsyncORMError, RuntimeError):
+    """The transaction committed, and one or more of its ``on_commit`` callbacks failed.
+
+    Every callback ran, in order, even after one failed; this error is raised once they all
+    have, by the ``commit()`` (or the commit of the ``begin()`` block) that committed. Its
+    ``errors`` are the callbacks' exceptions, in order, and its ``__cause__`` the first of
+    them. The data is committed: never run the transaction again because of it (a
+    ``transactional`` unit does not retry it); repeat or repair the failed side effects.
+
+    Example::
+
+        try:
+            await session.commit()
+        except asyncorm.OnCommitError as exc:
+            for error in exc.errors:
+                log.error("side effect failed after commit: %r", error)
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, message: str, errors: list[Exception]) -> None:
+        super().__init__(message)
+        self.errors = errors
+        """The exceptions the failed callbacks raised, in order."""
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.args[0], self.errors)
+
+
+class TransactionalUnitError(AsyncORMError, sa_exc.InvalidRequestError):
+    """A ``transactional`` unit's function asked for a commit of its own.
+
+    A unit (``@db.transactional``, ``asyncorm.transactional(Session)``) commits when its
+    function returns, and may run the function again after a retryable error; a commit in
+    the middle would make that retry apply the committed part twice. The commit is refused
+    before anything is sent, and the unit's transaction rolls back. Remove the commit, or
+    split the work into units called one after the other.
+
+    Example::
+
+        @db.transactional
+        async def job() -> None:
+            db.add(Order())
+            await db.commit()   # raises TransactionalUnitError
+
+    .. versionadded:: 0.2
     """
 
 

@@ -25,7 +25,16 @@ import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, ParamSpec, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    NamedTuple,
+    NoReturn,
+    ParamSpec,
+    TypeVar,
+    overload,
+)
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
@@ -35,6 +44,7 @@ from ._cancellation import mark_cleanup_task
 from ._errors import NoSessionScopeError, ScopeError
 from ._proxy import install_session_proxies
 from ._session import AsyncSession
+from ._transaction import OnRetry, UnitDecorator, decorate_for_registry, settings
 
 __all__ = ["async_scoped_session"]
 
@@ -236,6 +246,90 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
                 await frame._shut()
 
         return scoped_call
+
+    @overload
+    def transactional(
+        self, fn: Callable[_P, Coroutine[Any, Any, _T]], /
+    ) -> Callable[_P, Coroutine[Any, Any, _T]]: ...
+
+    @overload
+    def transactional(
+        self,
+        fn: None = None,
+        /,
+        *,
+        retries: int = ...,
+        isolation_level: str | None = ...,
+        read_only: bool = ...,
+        deferrable: bool = ...,
+        backoff: Callable[[int], float] | None = ...,
+        on_retry: OnRetry | None = ...,
+    ) -> UnitDecorator: ...
+
+    def transactional(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]] | None = None,
+        /,
+        *,
+        retries: int = 3,
+        isolation_level: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+        backoff: Callable[[int], float] | None = None,
+        on_retry: OnRetry | None = None,
+    ) -> Any:
+        """Decorate a coroutine function so that each call is one transaction, retried.
+
+        Each call runs in a scope of its own (``db()`` is a new session there), in one
+        transaction begun with ``isolation_level``; returning commits (then runs the
+        ``on_commit`` callbacks), raising rolls back. After an error that
+        :func:`asyncorm.is_retryable` says is safe (PostgreSQL serialization failure or
+        deadlock, SQLite busy/locked or :class:`~asyncorm.WriteConflictError`) the whole
+        function runs again in a new scope, up to ``retries`` times, after a pause of
+        ``backoff(n)`` seconds before retry ``n`` (default :class:`asyncorm.Backoff`:
+        exponential, bounded, with jitter); ``on_retry(error, attempt, pause)`` is called
+        before each pause. Nothing else is retried, never a cancellation or a connection lost
+        during COMMIT (:class:`~asyncorm.TransactionOutcomeUnknownError`). The error ending a
+        unit carries the attempt count as ``asyncorm_attempts`` (and a note after retries).
+
+        Called while the task's session is in a transaction (inside another unit, or a
+        scope that used its session), the function runs in a savepoint of that transaction
+        instead and never retries on its own: the outermost unit retries the whole.
+
+        The arguments are those of :func:`asyncorm.transactional`; ``isolation_level`` is
+        PostgreSQL's ``"READ COMMITTED"``/``"REPEATABLE READ"``/``"SERIALIZABLE"`` or SQLite's
+        ``"IMMEDIATE"`` (its default)/``"DEFERRED"``. See docs/transactions.md.
+
+        Example::
+
+            @db.transactional(retries=5, isolation_level="SERIALIZABLE")
+            async def take_job(job_id: int) -> None:
+                job = await db.get_one(Job, job_id)
+                job.state = "done"
+                db.on_commit(lambda: print(f"job {job_id} done"))
+
+            await take_job(7)
+
+        .. versionadded:: 0.2
+        """
+        s = settings(
+            retries=retries,
+            isolation_level=isolation_level,
+            read_only=read_only,
+            deferrable=deferrable,
+            backoff=backoff,
+            on_retry=on_retry,
+        )
+        if fn is not None:
+            return decorate_for_registry(self, fn, s)
+        return functools.partial(decorate_for_registry, self, s=s)
+
+    def _peek(self, task: asyncio.Task[Any]) -> _AS | None:
+        """The session ``task`` has in this registry, without creating one."""
+        scope = self._contextvar.get()
+        if scope is None or scope.owner is not task:
+            return None
+        return scope.session
 
     async def remove(self) -> None:
         """Close the current task's session and forget it, as in SQLAlchemy.

@@ -19,10 +19,11 @@ from ._cancellation import (
     hold_cancellations,
     run_to_completion,
 )
-from ._errors import TransactionOutcomeUnknownError
+from ._errors import TransactionalUnitError, TransactionOutcomeUnknownError
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
+from ._oncommit import OnCommitCallback, Pending, register, run_ready, take_ready
 from ._options import read_only_options
 from ._query import AsyncQuery
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSession", "async_sessionmaker"]
 
 _O = TypeVar("_O")
+_C = TypeVar("_C", bound=OnCommitCallback)
 _AS = TypeVar("_AS", bound=sa_asyncio.AsyncSession)
 
 _AsyncBase = sa_asyncio.AsyncSession
@@ -68,6 +70,8 @@ class AsyncSession(sa_asyncio.AsyncSession):
       interrupt it: once it succeeded they return normally and the cancellation is delivered
       at the task's next await; a connection lost during COMMIT raises
       :class:`~asyncorm.TransactionOutcomeUnknownError` (docs/errors.md, "Cancellation").
+    * **on_commit(fn)**: side effects that run after the outermost transaction commits, in
+      order, and are dropped when it rolls back (see :meth:`on_commit`).
     * **write=True** (here, on the factory, or ``db.scope(write=True)``): every transaction of
       the session is a declared unit of work, as if begun with ``session.begin()``: on SQLite
       it takes the writer turn before its first read (``BEGIN IMMEDIATE``), so a
@@ -129,6 +133,11 @@ class AsyncSession(sa_asyncio.AsyncSession):
     """The task inside an operation on this session, None when idle (see ``_guards``)."""
     _asyncorm_op: str | None = None
     """The name of that operation."""
+    _asyncorm_on_commit: Pending | None = None
+    """The session's on_commit callbacks (see ``_oncommit``), None until the first one."""
+    _asyncorm_unit: str | None = None
+    """The name of the transactional unit whose function runs in this session, if any: the
+    unit commits when it returns, and refuses a commit in the middle (see ``_transaction``)."""
 
     # -- the concurrent-use guard on every awaitable member ---------------------------------
 
@@ -294,18 +303,51 @@ class AsyncSession(sa_asyncio.AsyncSession):
         the task's next suspension. A connection failing once COMMIT was sent raises
         :class:`~asyncorm.TransactionOutcomeUnknownError`.
         """
+        held: list[asyncio.CancelledError] = []
+        try:
+            await self._commit_holding(held)
+        finally:
+            deliver_later(held)
+
+    async def _commit_holding(self, held: list[asyncio.CancelledError]) -> None:
+        """``commit()``, leaving the cancellations held back to the caller (``held``)."""
         took = enter(self, "commit")
         try:
-            held: list[asyncio.CancelledError] = []
-            try:
-                await _commit_in_two_phases(
-                    self, lambda: _AsyncBase.commit(self), self._roll_back_if_cancelled, held
-                )
-            finally:
-                deliver_later(held)
+            await _commit_in_two_phases(
+                self, lambda: _AsyncBase.commit(self), self._roll_back_if_cancelled, held
+            )
         finally:
             if took:
                 leave(self)
+
+    def on_commit(self, fn: _C) -> _C:
+        """Run ``fn()`` after the outermost transaction commits; drop it on rollback.
+
+        ``fn`` is called with no argument; if it returns an awaitable (an ``async def``
+        function), that is awaited. Callbacks run in the order they were registered, once
+        COMMIT has succeeded, at the end of the ``commit()`` (or of the ``begin()`` block)
+        that committed, with the connection already back in the pool. A callback registered
+        inside a savepoint (``begin_nested()``) waits for the outermost commit too, and is
+        dropped if that savepoint rolls back; every callback is dropped when the
+        transaction rolls back or the session closes without committing. Registered outside
+        any transaction, it waits for the session's next transaction.
+
+        A callback that raises does not stop the others: once they all ran, the commit
+        raises :class:`~asyncorm.OnCommitError` (the data is committed). A cancellation
+        arriving while they run is held back, as during COMMIT, and delivered after them.
+        Returns ``fn``, so it can decorate.
+
+        Example::
+
+            session.add(order)
+            session.on_commit(lambda: print("order saved"))
+            session.on_commit(functools.partial(send_receipt, order.id))  # async def
+            await session.commit()          # commits, then runs both in order
+
+        .. versionadded:: 0.2
+        """
+        register(self, fn)
+        return fn
 
     def _roll_back_if_cancelled(self, exc: BaseException) -> Awaitable[None] | None:
         # an ordinary flush error leaves the transaction to the caller, as SQLAlchemy does
@@ -387,7 +429,11 @@ async def _commit_in_two_phases(
        * anything else failed (the database refused the COMMIT, a deferred constraint):
          nothing was committed; a held cancellation is raised, chained to the error, as
          :func:`run_to_completion` does; otherwise the error.
+    3. Once committed, the session's ``on_commit`` callbacks run, cancellations still held
+       (see :mod:`asyncorm._oncommit`).
     """
+    if session._asyncorm_unit is not None:
+        raise _commit_in_unit(session._asyncorm_unit)
     task = asyncio.current_task()
     requested = task.cancelling() if task is not None else 0
     sync_session = session.sync_session
@@ -421,6 +467,28 @@ async def _commit_in_two_phases(
             await asyncio.sleep(0)
         except asyncio.CancelledError as exc:
             held.append(exc)
+    ready = take_ready(session)
+    if ready:
+        # the side effects of committed data: they run even if a cancellation arrives
+        try:
+            await hold_cancellations(run_ready(session, ready), held)
+        except asyncio.CancelledError:
+            if not held:
+                raise
+            # a callback given up on after the grace period: the held cancellation is the
+            # one to raise (once), not the callback's own
+            cancelled = held[0]
+            held.clear()
+            raise cancelled from None
+
+
+def _commit_in_unit(name: str) -> TransactionalUnitError:
+    return TransactionalUnitError(
+        f"A commit was requested inside the transactional unit {name}(), which commits when "
+        f"{name}() returns. A commit in the middle would make a retry apply the committed "
+        f"part twice; nothing was committed. Remove the commit, or split the work into two "
+        f"units called one after the other."
+    )
 
 
 def _outcome_unknown(exc: BaseException) -> bool:

@@ -21,6 +21,14 @@ EXPECTED = {
         "addresses left after deleting ann: 0",
         "users: ['bob', 'cat', 'dan']",
     ],
+    "worker.py": [
+        "queue: 100 jobs done, 0 pending",
+        "queue: every done job applied and notified exactly once: True",
+        "queue: connections checked out: 0",
+        "table: 100 jobs done, 0 pending, 0 retries",
+        "table: every done job applied and notified exactly once: True",
+        "table: connections checked out: 0",
+    ],
 }
 
 
