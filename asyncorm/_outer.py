@@ -112,7 +112,7 @@ class OuterTransaction:
         ``mismatch`` returns the message of the error raised when the transaction is used
         in another event loop than this one.
         """
-        _watch_loop(engine)
+        watch_loop(engine)
         connection = await engine.connect()
         try:
             transaction = await connection.begin()
@@ -243,7 +243,8 @@ _watched: weakref.WeakKeyDictionary[Any, weakref.WeakSet[asyncio.AbstractEventLo
 _watchers: set[asyncio.Task[None]] = set()
 
 
-def _watch_loop(engine: AsyncEngine) -> None:
+def watch_loop(engine: AsyncEngine) -> None:
+    """Return ``engine``'s connections (``dispose()``) when the running loop shuts down."""
     loop = asyncio.get_running_loop()
     loops = _watched.setdefault(engine.sync_engine, weakref.WeakSet())
     if loop in loops:

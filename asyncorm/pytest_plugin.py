@@ -96,9 +96,15 @@ def asyncorm_engine(asyncorm_url: str, asyncorm_metadata: MetaData) -> Iterator[
 
     .. versionadded:: 0.2
     """
+    from sqlalchemy import event
+
     import asyncorm
 
+    from ._outer import watch_loop
+
     engine = asyncorm.create_engine(asyncorm_url)
+    # the connections opened in a loop are returned when that loop shuts down
+    event.listen(engine.sync_engine, "checkout", lambda *args: watch_loop(engine))
 
     async def create() -> None:
         async with engine.begin() as conn:
@@ -281,12 +287,13 @@ def _loop_mismatch(item: pytest.Item) -> str:
     if fixture_scope == "fixture-scope":
         fixture_scope = "function"
     return (
-        f"{item.nodeid} runs in a different event loop than asyncorm_transaction (behind "
-        f"asyncorm_session, asyncorm_connection and asyncorm_registry): the test runs in "
-        f"the {test_scope}-scoped loop, the fixture was set up in the {fixture_scope}-scoped "
-        f"loop, and a database connection works only in the loop that opened it. Give them "
-        f"one loop: set asyncio_default_fixture_loop_scope = {test_scope!r} in the pytest "
-        f"configuration (asyncorm's fixtures follow it), or run the test in the "
-        f"{fixture_scope}-scoped loop (asyncio_default_test_loop_scope, or "
+        f"{item.nodeid}: asyncorm_transaction (behind asyncorm_session, asyncorm_connection "
+        f"and asyncorm_registry) was set up in the {fixture_scope}-scoped event loop and is "
+        f"used in another one: the test runs in the {test_scope}-scoped loop (or an async "
+        f"fixture using it has a loop_scope of its own). A database connection works only "
+        f"in the loop that opened it. Give them one loop: set "
+        f"asyncio_default_fixture_loop_scope = {test_scope!r} in the pytest configuration "
+        f"(asyncorm's fixtures follow it), or run the test in the {fixture_scope}-scoped "
+        f"loop (asyncio_default_test_loop_scope, or "
         f"@pytest.mark.asyncio(loop_scope={fixture_scope!r}))."
     )

@@ -285,3 +285,66 @@ def test_session_scoped_loop(
     make_project(pytester, monkeypatch, backend, fixture_loop="session", test_loop="session")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", *FILES)
     result.assert_outcomes(passed=len(FILES))
+
+
+TEST_FIXTURE_LOOP = """
+    import pytest
+    import pytest_asyncio
+    from models import Item
+
+
+    @pytest_asyncio.fixture(loop_scope="session")
+    async def seeded(asyncorm_session):
+        asyncorm_session.add(Item(name="seed"))
+        await asyncorm_session.flush()
+
+
+    @pytest.mark.asyncio(loop_scope="function")
+    async def test_fixture_in_another_loop(seeded):
+        pass
+"""
+
+
+def test_a_loop_mismatch_fails_with_what_to_change(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, backend: Backend
+) -> None:
+    make_project(pytester, monkeypatch, backend, fixture_loop="function", test_loop="session")
+    pytester.makepyfile(test_fixture_loop=textwrap.dedent(TEST_FIXTURE_LOOP))
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "test_a.py", "test_b.py")
+    result.assert_outcomes(failed=2)
+    result.stdout.re_match_lines(
+        [
+            r"E +asyncorm\._errors\.EventLoopMismatchError: test_a\.py::test_a_commits: "
+            r"asyncorm_transaction .* was set up in the function-scoped event loop and is "
+            r"used in another one: the test runs in the session-scoped loop .* set "
+            r"asyncio_default_fixture_loop_scope = 'session' in the pytest configuration"
+        ]
+    )
+    # an async fixture in another loop fails at its first statement
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "test_fixture_loop.py")
+    result.assert_outcomes(errors=1)
+    result.stdout.re_match_lines([r"E +asyncorm\._errors\.EventLoopMismatchError: .*"])
+
+
+def test_the_plugin_is_inert_until_a_fixture_is_used(pytester: pytest.Pytester) -> None:
+    pytester.makeini(
+        "[pytest]\nfilterwarnings = error\nasyncio_default_fixture_loop_scope = function"
+    )
+    pytester.makepyfile(
+        test_plain="""
+        import gc
+        import sys
+
+
+        def test_nothing_of_asyncorm_ran(request, tmp_path_factory):
+            assert request.config.pluginmanager.has_plugin("asyncorm")
+            loaded = {"aiosqlite", "asyncpg", "asyncorm._outer", "asyncorm.testing"}
+            assert loaded.isdisjoint(sys.modules)
+            from sqlalchemy.ext.asyncio import AsyncEngine
+
+            assert not [o for o in gc.get_objects() if isinstance(o, AsyncEngine)]
+            assert not list(tmp_path_factory.getbasetemp().glob("asyncorm*"))
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
