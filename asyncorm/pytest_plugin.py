@@ -113,6 +113,7 @@ def asyncorm_engine(asyncorm_url: str, asyncorm_metadata: MetaData) -> Iterator[
         await engine.dispose()
 
     async def drop() -> None:
+        await engine.dispose()  # connections of a loop still open (then closed by that loop)
         async with engine.begin() as conn:
             await conn.run_sync(asyncorm_metadata.drop_all)
         await engine.dispose()

@@ -193,3 +193,18 @@ async def test_a_child_task_gets_a_session_of_its_own_in_the_same_transaction(
     await asyncorm_registry.wait_closed()
     assert asyncorm_registry.live_sessions == 0
     assert asyncorm_transaction.bind(asyncorm_registry) is asyncorm_registry  # no-op
+
+
+async def test_another_connection_writing_during_the_test_is_refused_on_sqlite(
+    asyncorm_url: str,
+    asyncorm_engine: AsyncEngine,
+    asyncorm_session: asyncorm.AsyncSession,
+) -> None:
+    if not asyncorm_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL locks rows, not the database")
+    asyncorm_session.add(User(name="ann"))
+    await asyncorm_session.flush()  # the test's connection holds the writer lock now
+    async with asyncorm.AsyncSession(asyncorm_engine) as other:
+        other.add(User(name="bob"))
+        with pytest.raises(asyncorm.SQLiteWriteLockError, match=r"would deadlock"):
+            await other.flush()
