@@ -35,20 +35,25 @@ import asyncio
 import functools
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.sql.elements import TextClause
 
-from ._errors import EventLoopMismatchError
+from ._errors import EventLoopMismatchError, ReadOnlySessionError, shown_statement
+from ._options import READ_ONLY
 from ._registry import _Scope, async_scoped_session
 from ._session import AsyncSession, async_sessionmaker
+from ._sqlite import _text_writes
 
 __all__ = ["OuterTransaction"]
 
 _JOIN = {"join_transaction_mode": "create_savepoint"}
+_R = TypeVar("_R", bound=async_scoped_session[Any])
 
 
 class OuterTransaction:
@@ -92,9 +97,9 @@ class OuterTransaction:
         self._transaction = transaction
         # what to say when the transaction is used in another event loop
         self._mismatch = mismatch or _default_mismatch
-        self.sessionmaker = async_sessionmaker(connection, join_transaction_mode="create_savepoint")
+        self.sessionmaker = _JoinedSessionmaker(connection)
         self._session: AsyncSession | None = None
-        self.loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self._bound: list[tuple[async_scoped_session[Any], Callable[..., Any], bool]] = []
         self._test_task: asyncio.Task[Any] | None = None
         sync = connection.sync_connection
@@ -128,7 +133,7 @@ class OuterTransaction:
             self._session = self.sessionmaker()
         return self._session
 
-    def bind(self, registry: async_scoped_session[Any], *, adopt: bool = False) -> Any:
+    def bind(self, registry: _R, *, adopt: bool = False) -> _R:
         """Make ``registry`` hand out sessions joined to this transaction until the test ends.
 
         The registry's session factory is replaced by one that makes the same sessions
@@ -154,9 +159,9 @@ class OuterTransaction:
 
     # -- the test's own task ----------------------------------------------------------------
 
-    def enter_test_task(self) -> None:
+    def _enter_test_task(self) -> None:
         """Called first thing in the test's task: check the loop, adopt the registries."""
-        if asyncio.get_running_loop() is not self.loop:
+        if asyncio.get_running_loop() is not self._loop:
             raise EventLoopMismatchError(self._mismatch())
         self._test_task = asyncio.current_task()
         for registry, _, adopt in self._bound:
@@ -181,7 +186,7 @@ class OuterTransaction:
         )
 
     def _check_loop(self, conn: Connection, *args: Any) -> None:
-        if asyncio.get_running_loop() is not self.loop:
+        if asyncio.get_running_loop() is not self._loop:
             raise EventLoopMismatchError(self._mismatch())
 
     # -- the end ----------------------------------------------------------------------------
@@ -219,6 +224,38 @@ def _default_mismatch() -> str:
     )
 
 
+_CHARACTERISTICS = frozenset(
+    {"isolation_level", "postgresql_readonly", "postgresql_deferrable", READ_ONLY}
+)
+"""Execution options a session applies to its connection when it begins, which would alter
+the shared test connection for good (or fail: its transaction is already begun)."""
+
+
+class _JoinedSessionmaker(async_sessionmaker[Any]):
+    """A factory whose sessions are joined to the test's transaction.
+
+    Made from another factory (its arguments kept), with ``bind`` the test's connection and
+    savepoints for ``commit()``/``rollback()``. A session applies its execution options to
+    the connection it begins on, which here is shared by every session of the test, so the
+    connection characteristics (isolation level, READ ONLY) are not passed on: a
+    ``read_only=True`` session refuses writes itself instead, before anything is sent.
+    """
+
+    def __call__(self, **local_kw: Any) -> Any:
+        kw = {**self.kw, **local_kw}
+        if "info" in self.kw and "info" in local_kw:  # merged, as SQLAlchemy's factory does
+            kw["info"] = {**self.kw["info"], **local_kw["info"]}
+        read_only = bool(kw.pop("read_only", False))
+        options = dict(kw.get("execution_options") or {})
+        read_only = read_only or bool(options.get(READ_ONLY))
+        kw["execution_options"] = {k: v for k, v in options.items() if k not in _CHARACTERISTICS}
+        kw.update(_JOIN)
+        session = self.class_(**kw)
+        if read_only:
+            _refuse_writes(session)
+        return session
+
+
 def _joined_factory(
     original: Callable[..., Any], connection: AsyncConnection, registry: Any
 ) -> Callable[..., Any]:
@@ -230,9 +267,38 @@ def _joined_factory(
                 f"the test's transaction is on one connection of one database, so it cannot "
                 f"be bound to it. Bind the registry's factory to one engine in tests."
             )
-        kw = {**original.kw, "bind": connection, **_JOIN}
-        return type(original)(class_=original.class_, **kw)
+        kw = {**original.kw, "bind": connection}
+        return _JoinedSessionmaker(class_=original.class_, **kw)
     return functools.partial(original, bind=connection, **_JOIN)
+
+
+def _refuse_writes(session: Any) -> None:
+    """Make a read-only session joined to the test's transaction refuse writes itself (a
+    savepoint cannot be READ ONLY, and the connection is shared)."""
+    if hasattr(session, "read_only"):
+        session.read_only = True
+    sync = session.sync_session
+
+    def before_flush(s: Session, flush_context: Any, instances: Any) -> None:
+        if s.new or s.dirty or s.deleted:
+            raise _read_only_error("flushing its changes")
+
+    def do_orm_execute(state: ORMExecuteState) -> None:
+        statement = state.statement
+        if (state.is_insert or state.is_update or state.is_delete) or (
+            isinstance(statement, TextClause) and _text_writes(statement.text)
+        ):
+            raise _read_only_error(f"the statement {shown_statement(str(statement))!r}")
+
+    event.listen(sync, "before_flush", before_flush)
+    event.listen(sync, "do_orm_execute", do_orm_execute)
+
+
+def _read_only_error(what: str) -> ReadOnlySessionError:
+    return ReadOnlySessionError(
+        f"This session is read-only (read_only=True), and {what} writes; nothing was "
+        f"sent. Use a session without read_only=True for work that writes."
+    )
 
 
 # -- one watcher per (engine, loop): return the loop's connections before it closes -------

@@ -220,10 +220,7 @@ def asyncorm_registry(
 
     .. versionadded:: 0.2
     """
-    registry: async_scoped_session[Any] = asyncorm_transaction.bind(
-        asyncorm_app_registry, adopt=True
-    )
-    return registry
+    return asyncorm_transaction.bind(asyncorm_app_registry, adopt=True)
 
 
 @pytest.fixture
@@ -269,7 +266,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
 
     @functools.wraps(test)
     async def in_test_task(*args: Any, **kwargs: Any) -> Any:
-        transaction.enter_test_task()
+        transaction._enter_test_task()
         return await test(*args, **kwargs)
 
     item.obj = in_test_task  # type: ignore[attr-defined]

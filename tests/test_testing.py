@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
+import httpx
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import selectinload
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 import asyncorm
+from asyncorm.starlette import DEFAULT_READ_ONLY_METHODS, SessionMiddleware
 from asyncorm.testing import OuterTransaction, QueryLog, assert_max_queries, count_queries
 from tests.models import Address, User
 
@@ -127,9 +136,7 @@ async def test_count_queries_of_a_session_on_an_engine_follows_its_connections(
             await session.scalar(select(User.id).limit(1))  # a new transaction, connection
             await other.scalar(select(func.count(User.id)))  # not the session's
     assert len(queries) == 2
-    assert queries.counts() == {
-        " ".join(s.split()): 1 for s in queries.statements
-    }
+    assert queries.counts() == {" ".join(s.split()): 1 for s in queries.statements}
 
 
 async def test_count_queries_refuses_what_it_cannot_watch() -> None:
@@ -195,16 +202,74 @@ async def test_a_child_task_gets_a_session_of_its_own_in_the_same_transaction(
     assert asyncorm_transaction.bind(asyncorm_registry) is asyncorm_registry  # no-op
 
 
-async def test_another_connection_writing_during_the_test_is_refused_on_sqlite(
-    asyncorm_url: str,
-    asyncorm_engine: AsyncEngine,
-    asyncorm_session: asyncorm.AsyncSession,
-) -> None:
+@pytest.fixture(scope="session")
+def sqlite_only(asyncorm_url: str) -> None:
+    """Skip before the plugin's engine is set up (a session fixture listed first)."""
     if not asyncorm_url.startswith("sqlite"):
         pytest.skip("PostgreSQL locks rows, not the database")
+
+
+async def test_another_connection_writing_during_the_test_is_refused_on_sqlite(
+    sqlite_only: None, asyncorm_engine: AsyncEngine, asyncorm_session: asyncorm.AsyncSession
+) -> None:
     asyncorm_session.add(User(name="ann"))
     await asyncorm_session.flush()  # the test's connection holds the writer lock now
     async with asyncorm.AsyncSession(asyncorm_engine) as other:
         other.add(User(name="bob"))
         with pytest.raises(asyncorm.SQLiteWriteLockError, match=r"would deadlock"):
             await other.flush()
+
+
+async def test_read_only_sessions_refuse_writes_and_leave_the_connection_writable(
+    asyncorm_transaction: OuterTransaction, asyncorm_session: asyncorm.AsyncSession
+) -> None:
+    async with asyncorm_transaction.sessionmaker(read_only=True) as reader:
+        assert reader.read_only
+        assert await reader.scalar(select(func.count(User.id))) == 0
+        reader.add(User(name="ann"))
+        with pytest.raises(asyncorm.ReadOnlySessionError, match=r"flushing its changes writes"):
+            await reader.flush()
+        reader.expunge_all()
+        with pytest.raises(asyncorm.ReadOnlySessionError, match=r"'DELETE FROM users' writes"):
+            await reader.execute(text("DELETE FROM users"))
+        await reader.commit()
+    # the shared connection is not read-only afterwards
+    asyncorm_session.add(User(name="bob"))
+    await asyncorm_session.commit()
+    assert await asyncorm_session.scalar(select(func.count(User.id))) == 1
+
+
+async def test_an_asgi_app_with_read_only_methods_on_the_test_transaction(
+    asyncorm_asgi_client: Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]],
+    asyncorm_session: asyncorm.AsyncSession,
+) -> None:
+    db = asyncorm.async_scoped_session(asyncorm.async_sessionmaker())
+
+    async def how_many(request: Request) -> JSONResponse:
+        return JSONResponse({"count": await db.scalar(select(func.count(User.id)))})
+
+    async def sneaky_write(request: Request) -> JSONResponse:
+        db.add(User(name="sneaky"))
+        await db.flush()
+        return JSONResponse({})
+
+    app = Starlette(
+        routes=[Route("/count", how_many), Route("/sneaky", sneaky_write)],
+        middleware=[
+            Middleware(
+                SessionMiddleware,
+                registry=db,
+                commit="auto",
+                read_only_methods=DEFAULT_READ_ONLY_METHODS,
+            )
+        ],
+    )
+    asyncorm_session.add(User(name="ann"))
+    await asyncorm_session.commit()
+    async with asyncorm_asgi_client(app) as client:
+        assert (await client.get("/count")).json() == {"count": 1}
+        with pytest.raises(asyncorm.ReadOnlySessionError, match=r"read-only"):
+            await client.get("/sneaky")
+    asyncorm_session.add(User(name="bob"))  # the GETs left the connection writable
+    await asyncorm_session.commit()
+    assert await asyncorm_session.scalar(select(func.count(User.id))) == 2
