@@ -273,3 +273,22 @@ async def test_an_asgi_app_with_read_only_methods_on_the_test_transaction(
     asyncorm_session.add(User(name="bob"))  # the GETs left the connection writable
     await asyncorm_session.commit()
     assert await asyncorm_session.scalar(select(func.count(User.id))) == 2
+
+
+async def test_a_client_for_an_app_without_a_registry_is_refused(
+    asyncorm_asgi_client: Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]],
+) -> None:
+    async def open_client() -> None:
+        async with asyncorm_asgi_client(Starlette()):
+            pass
+
+    with pytest.raises(ValueError, match=r"No asyncorm registry found in .*: its requests"):
+        await open_client()
+
+
+async def test_a_registry_with_binds_cannot_be_bound(
+    asyncorm_transaction: OuterTransaction, asyncorm_engine: AsyncEngine
+) -> None:
+    factory = asyncorm.async_sessionmaker(binds={User: asyncorm_engine})
+    with pytest.raises(ValueError, match=r"has binds= \(one engine per mapper\)"):
+        asyncorm_transaction.bind(asyncorm.async_scoped_session(factory))
