@@ -1,4 +1,9 @@
-"""Shared fixtures: the ``backend`` parametrisation over SQLite and PostgreSQL."""
+"""Shared fixtures: the ``backend`` parametrisation over SQLite and PostgreSQL.
+
+The suite also uses asyncorm's own pytest plugin (loaded through its entry point): its
+``asyncorm_url`` is overridden here to run on both backends, and ``asyncorm_metadata`` to
+create the tables of :mod:`tests.models`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, MetaData, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -70,6 +75,20 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
         return Backend("sqlite", f"sqlite:///{tmp_path / 'test.db'}")
     return Backend("postgresql", postgres_url())
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def asyncorm_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The plugin's database: a SQLite file, then PostgreSQL (each test using it runs twice)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('asyncorm') / 'plugin.db'}"
+    return postgres_url()
+
+
+@pytest.fixture(scope="session")
+def asyncorm_metadata() -> MetaData:
+    """The plugin creates the tables of tests.models once per backend."""
+    return Base.metadata
 
 
 @contextmanager

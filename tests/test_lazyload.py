@@ -23,23 +23,30 @@ from sqlalchemy.orm import (
 )
 
 import asyncorm
+from asyncorm.testing import OuterTransaction
 from tests.conftest import capture_sql
 from tests.models import Address, User
 
-SessionFactory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
+# These tests run in the pytest plugin's rolled-back transaction (asyncorm_transaction).
 
 
 @pytest.fixture
-async def user_id(Session: SessionFactory) -> int:
-    async with Session.begin() as session:
-        user = User(name="ann", bio="likes tea", addresses=[Address(email="ann@example.org")])
-        session.add(user)
+def engine(asyncorm_engine: AsyncEngine) -> AsyncEngine:
+    return asyncorm_engine
+
+
+@pytest.fixture
+async def user_id(asyncorm_session: asyncorm.AsyncSession) -> int:
+    user = User(name="ann", bio="likes tea", addresses=[Address(email="ann@example.org")])
+    asyncorm_session.add(user)
+    await asyncorm_session.commit()  # a savepoint of the test's transaction
     return user.id
 
 
 @pytest.fixture
-async def session(Session: SessionFactory) -> AsyncIterator[asyncorm.AsyncSession]:
-    async with Session() as session:
+async def session(asyncorm_transaction: OuterTransaction) -> AsyncIterator[asyncorm.AsyncSession]:
+    """Another session in the test's transaction, with nothing loaded yet."""
+    async with asyncorm_transaction.sessionmaker() as session:
         yield session
 
 
@@ -111,9 +118,10 @@ async def test_replacing_an_unloaded_collection(
         user.addresses = []
 
 
-async def test_expired_attribute(engine: AsyncEngine, user_id: int) -> None:
-    Session = asyncorm.async_sessionmaker(engine, expire_on_commit=True)
-    async with Session() as session:
+async def test_expired_attribute(
+    engine: AsyncEngine, asyncorm_transaction: OuterTransaction, user_id: int
+) -> None:
+    async with asyncorm_transaction.sessionmaker(expire_on_commit=True) as session:
         user = await session.get_one(User, user_id)
         await session.commit()
         with (

@@ -31,3 +31,14 @@ def test_every_public_name_has_a_docstring_with_a_summary() -> None:
         assert doc, f"asyncorm.{name} has no docstring"
         assert doc.splitlines()[0].strip(), f"asyncorm.{name} has no summary line"
 
+
+
+def test_the_testing_module_lists_its_public_names_documented() -> None:
+    import asyncorm.testing
+
+    names = asyncorm.testing.__all__
+    assert list(names) == sorted(names)
+    for name in names:
+        doc = inspect.getdoc(getattr(asyncorm.testing, name))
+        assert doc, f"asyncorm.testing.{name} has no docstring"
+        assert ".. versionadded:: 0.2" in doc, name
