@@ -157,10 +157,13 @@ class SessionMiddleware:
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start" and auto:
-                if message["status"] < 400 and not request.disconnected:
-                    await request.session().commit()  # raises: the start is never sent
+                session = request.session()
+                if session is None:
+                    pass  # db.remove() and no db() since: nothing to commit
+                elif message["status"] < 400 and not request.disconnected:
+                    await session.commit()  # raises: the start is never sent
                 else:
-                    await request.session().rollback()
+                    await session.rollback()
             await send(message)
             if (kind == "http.response.body" and not message.get("more_body", False)) or (
                 kind == "http.response.pathsend"
@@ -173,26 +176,24 @@ class SessionMiddleware:
 class _RequestScope:
     """The request's scope, entered by hand: it may end before the ASGI call does."""
 
-    __slots__ = ("_captured", "_context", "_owner", "_registry", "closed", "disconnected")
+    __slots__ = ("_context", "_owner", "_registry", "closed", "disconnected")
 
     def __init__(self, registry: async_scoped_session[Any], context: _ScopeContext[Any]) -> None:
         self._registry = registry
         self._context = context
         self._owner = asyncio.current_task()
-        self._captured: AsyncSession | None = None
         self.closed = False
         self.disconnected = False
 
     async def open(self) -> None:
-        self._captured = await self._context.__aenter__()
+        await self._context.__aenter__()
 
-    def session(self) -> AsyncSession:
-        """The session ``db()`` returns in the request's task (even if ``send`` runs elsewhere)."""
-        if asyncio.current_task() is self._owner:
-            current: AsyncSession = self._registry()
-            return current
-        assert self._captured is not None
-        return self._captured
+    def session(self) -> AsyncSession | None:
+        """The session ``db()`` returns now in the request's task, from any task.
+
+        ``None`` when there is none (``db.remove()`` was called and ``db()`` not since).
+        """
+        return self._context.current_session
 
     def wrap_receive(self, receive: Receive) -> Receive:
         async def receive_wrapper() -> Message:
@@ -209,10 +210,10 @@ class _RequestScope:
             return
         if asyncio.current_task() is not self._owner:
             # The body was sent from another task (Starlette streams in a task group when the
-            # server speaks ASGI < 2.4); only the owner can leave the scope. End the
-            # session's work: roll back, return the connection; the scope closes it at the end.
-            assert self._captured is not None
-            await self._captured.close()
+            # server speaks ASGI < 2.4); only the owner can leave the scope. End its unit of
+            # work from here: its session closed now, and db() in the request's task (the
+            # background tasks Starlette runs next) a new session with the factory's defaults.
+            await self._context.end_elsewhere()
             return
         self.closed = True
         try:
