@@ -26,6 +26,7 @@ from ._errors import (
     SQLiteWriteLockError,
     SQLiteWriteLockTimeout,
     TransactionOutcomeUnknownError,
+    UncommittedTaskWorkError,
     WriteConflictError,
 )
 from ._query import AsyncQuery, AwaitableExists
@@ -50,6 +51,7 @@ __all__ = [
     "SQLiteWriteLockTimeout",
     "ScopeError",
     "TransactionOutcomeUnknownError",
+    "UncommittedTaskWorkError",
     "WriteConflictError",
     "async_scoped_session",
     "async_sessionmaker",

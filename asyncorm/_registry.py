@@ -35,6 +35,7 @@ from ._cancellation import mark_cleanup_task
 from ._errors import NoSessionScopeError, ScopeError
 from ._proxy import install_session_proxies
 from ._session import AsyncSession
+from ._unsaved import has_unsaved_writes
 
 __all__ = ["async_scoped_session"]
 
@@ -175,6 +176,8 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
         session, tracker = self._create(task, {})
         self._contextvar.set(_Scope(task, session, tracker, None, {}))
         task.add_done_callback(functools.partial(self._task_done, session, tracker))
+        if scope is not None and scope.frame is not None:
+            scope.frame._adopt(task, tracker)  # a task spawned inside another task's scope
         return session
 
     def _create(self, task: asyncio.Task[Any], kwargs: Mapping[str, Any]) -> tuple[_AS, _Tracker]:
@@ -414,6 +417,7 @@ class _ScopeContext(Generic[_AS]):
     """What ``db.scope()`` returns: a single-use async context manager for one scope."""
 
     __slots__ = (
+        "_children",
         "_ended",
         "_kwargs",
         "_owner",
@@ -435,6 +439,8 @@ class _ScopeContext(Generic[_AS]):
         self._session: _AS | None = None
         self._tracker: _Tracker | None = None
         self._ended = False  # its unit of work was ended from another task: end_elsewhere()
+        # sessions of tasks spawned inside this scope (registry rule 3), while they run
+        self._children: list[tuple[asyncio.Task[Any], _Tracker]] = []
 
     def __repr__(self) -> str:
         owner = f" in task {self._owner.get_name()!r}" if self._owner is not None else ""
@@ -503,6 +509,7 @@ class _ScopeContext(Generic[_AS]):
         self._state = _DONE
         session, tracker = self._session, self._tracker
         self._session = self._tracker = None
+        self._children.clear()
         try:
             if session is not None and tracker is not None:
                 await registry._close(session, tracker)
@@ -535,6 +542,31 @@ class _ScopeContext(Generic[_AS]):
         self._session = self._tracker = None
         if session is not None and tracker is not None:
             await self._registry._close(session, tracker)
+
+    def _adopt(self, task: asyncio.Task[Any], tracker: _Tracker) -> None:
+        """Remember the session of ``task``, spawned inside this scope, while it runs."""
+        if self._state is not _OPEN:
+            return
+        live = self._registry._live
+        children = [(t, tr) for t, tr in self._children if not t.done() and tr in live]
+        children.append((task, tracker))
+        self._children = children
+
+    def unsaved_children(self) -> list[tuple[asyncio.Task[Any], _Site]]:
+        """Running tasks spawned inside this scope whose own session holds unsaved writes.
+
+        Their work is rolled back when they end (registry rule 3): nothing that ends this
+        scope can commit it.
+        """
+        live = self._registry._live
+        found: list[tuple[asyncio.Task[Any], _Site]] = []
+        for task, tracker in self._children:
+            session = tracker()
+            if task.done() or tracker not in live or session is None:
+                continue
+            if has_unsaved_writes(session):
+                found.append((task, tracker.site))
+        return found
 
 
 _NEW, _OPEN, _DONE = 0, 1, 2

@@ -31,7 +31,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from typing import Any, Final, Literal
 
-from ._errors import ScopeError
+from ._errors import ScopeError, UncommittedTaskWorkError
 from ._registry import _ScopeContext, async_scoped_session
 from ._session import AsyncSession
 
@@ -146,31 +146,64 @@ class SessionMiddleware:
         try:
             if scope["type"] == "websocket":
                 await self.app(scope, receive, send)
-            else:
-                await self.app(scope, request.wrap_receive(receive), self._wrap_send(request, send))
+                return
+            plan = [request] if self.commit == "auto" else None
+            await self.app(scope, request.wrap_receive(receive), _wrap_send(request, plan, send))
         finally:
             await request.close()
 
-    def _wrap_send(self, request: _RequestScope, send: Send) -> Send:
-        auto = self.commit == "auto"
 
-        async def send_wrapper(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start" and auto:
-                session = request.session()
-                if session is None:
-                    pass  # db.remove() and no db() since: nothing to commit
-                elif message["status"] < 400 and not request.disconnected:
-                    await session.commit()  # raises: the start is never sent
-                else:
-                    await session.rollback()
-            await send(message)
-            if (kind == "http.response.body" and not message.get("more_body", False)) or (
-                kind == "http.response.pathsend"
-            ):
-                await request.finish()
+def _wrap_send(request: _RequestScope, plan: list[_RequestScope] | None, send: Send) -> Send:
+    async def send_wrapper(message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and plan is not None:
+            await _settle(plan, message["status"])  # raises: the start is never sent
+        await send(message)
+        if (kind == "http.response.body" and not message.get("more_body", False)) or (
+            kind == "http.response.pathsend"
+        ):
+            await request.finish()
 
-        return send_wrapper
+    return send_wrapper
+
+
+async def _settle(plan: list[_RequestScope], status: int) -> None:
+    """Commit (below 400) or roll back every auto-commit request scope of the call.
+
+    First the checks, then a flush of every session, then the commits one after the other
+    (outermost middleware first): an error before the first commit leaves nothing committed.
+    """
+    sessions = [s for s in (request.session() for request in plan) if s is not None]
+    lost = [child for request in plan for child in request.unsaved_children()]
+    if lost:
+        raise UncommittedTaskWorkError(_lost_work_message(lost))
+    if status >= 400 or any(request.disconnected for request in plan):
+        for session in sessions:
+            await session.rollback()
+        return
+    for session in sessions:
+        await session.flush()
+    for session in sessions:
+        await session.commit()
+    # a failure anywhere raises from send(): the start is never sent, and the sessions not
+    # committed are rolled back when their scopes close, before the framework answers 500
+
+
+def _lost_work_message(lost: list[tuple[asyncio.Task[Any], tuple[str, int, str]]]) -> str:
+    tasks = ", ".join(
+        f"task {task.get_name()!r} (its session created at {file}:{line} in {function}())"
+        for task, (file, line, function) in lost
+    )
+    return (
+        f"The request's auto-commit cannot commit the uncommitted writes of {tasks}: that "
+        f"task runs inside the request but is not the request's task, so db() there is the "
+        f"task's own session, rolled back when the task ends. A handler runs in a task of "
+        f"its own when a BaseHTTPMiddleware (@app.middleware('http')) sits inside "
+        f"SessionMiddleware: put SessionMiddleware inside every BaseHTTPMiddleware (after it "
+        f"in middleware=[...]), or use pure ASGI middleware, or commit in that task "
+        f"(await db.commit()); a task that outlives the request should open its own scope "
+        f"(@db.scoped). Nothing was committed: the request is answered 500."
+    )
 
 
 class _RequestScope:
@@ -194,6 +227,10 @@ class _RequestScope:
         ``None`` when there is none (``db.remove()`` was called and ``db()`` not since).
         """
         return self._context.current_session
+
+    def unsaved_children(self) -> list[tuple[asyncio.Task[Any], tuple[str, int, str]]]:
+        """Tasks spawned inside the request whose own session holds uncommitted writes."""
+        return self._context.unsaved_children()
 
     def wrap_receive(self, receive: Receive) -> Receive:
         async def receive_wrapper() -> Message:
