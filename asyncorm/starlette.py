@@ -46,6 +46,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SCOPE_KEY: Final = "asyncorm.registries"
 """The ASGI scope key listing the registries whose middleware opened a scope for the call."""
 
+AUTO_COMMITS_KEY: Final = "asyncorm.auto_commits"
+"""The ASGI scope key of the request scopes the outermost ``commit="auto"`` middleware settles."""
+
 DEFAULT_READ_ONLY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 """The methods that are usually safe: pass them as ``read_only_methods`` to enforce it."""
 
@@ -71,7 +74,14 @@ class SessionMiddleware:
       client that disconnected (``http.disconnect`` received) rolls back. Requests whose
       method is not read-only get ``db.scope(write=True)`` (a declared unit of work, so a
       read-modify-write never conflicts on SQLite) unless ``session_kwargs`` is given.
-      What a streaming body writes after the response started is not committed.
+      What a streaming body writes after the response started is not committed. A task
+      spawned inside the request that still holds uncommitted writes in its own session
+      when the response starts (a handler behind a ``BaseHTTPMiddleware``) makes the
+      commit fail with :class:`~asyncorm.UncommittedTaskWorkError`, a 500.
+      With several ``commit="auto"`` middlewares (one per registry), the outermost one
+      settles them all at response start: every check, then a flush of every session, then
+      the commits one after the other, outermost first. A failing commit still gives a 500,
+      but the commits before it stand: there is no atomicity across databases.
 
     ``read_only_methods`` (e.g. :data:`DEFAULT_READ_ONLY_METHODS`): requests with these
     methods get ``db.scope(read_only=True)``; a write raises ``ReadOnlySessionError`` (a
@@ -147,7 +157,15 @@ class SessionMiddleware:
             if scope["type"] == "websocket":
                 await self.app(scope, receive, send)
                 return
-            plan = [request] if self.commit == "auto" else None
+            # The outermost commit="auto" middleware settles every auto-commit of the call
+            # (one per registry, outermost first) at response start; inner ones only join.
+            plan: list[_RequestScope] | None = None
+            if self.commit == "auto":
+                joined = scope.get(AUTO_COMMITS_KEY)
+                if joined is None:
+                    plan = scope[AUTO_COMMITS_KEY] = [request]
+                else:
+                    joined.append(request)
             await self.app(scope, request.wrap_receive(receive), _wrap_send(request, plan, send))
         finally:
             await request.close()

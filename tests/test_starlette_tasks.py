@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import fastapi
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -28,6 +28,7 @@ import asyncorm
 from asyncorm import AsyncSession, ScopeError, UncommittedTaskWorkError, async_scoped_session
 from asyncorm.fastapi import session_dependency
 from asyncorm.starlette import DEFAULT_READ_ONLY_METHODS, SessionMiddleware
+from tests.conftest import reset_schema
 from tests.models import User
 from tests.test_starlette import names, serve
 
@@ -282,3 +283,72 @@ async def test_a_task_with_its_own_scope_may_hold_writes_when_the_response_start
     release.set()
     await jobs[0]
     assert await names(db.session_factory) == ["from-job"]
+
+
+# -- two registries with commit="auto" ----------------------------------------------------
+
+
+async def _add_pets(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS pets"))
+        await conn.execute(
+            text(
+                "CREATE TABLE pets (id INTEGER PRIMARY KEY, owner_id INTEGER NOT NULL "
+                "REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+
+
+@pytest.mark.parametrize("failing", ["outer", "inner"])
+async def test_two_registries_commit_outermost_first_after_every_check_and_flush(
+    db: Registry, engine: AsyncEngine, tmp_path: Any, failing: str
+) -> None:
+    """The outermost auto-commit middleware commits both; a failing commit gives 500.
+
+    Outer fails: nothing is committed. Inner fails: the outer database's commit stands (no
+    two-phase commit across databases), and the client still gets the 500.
+    """
+    other_engine = asyncorm.create_engine(f"sqlite:///{tmp_path}/other.db")
+    await reset_schema(other_engine)
+    other: Registry = async_scoped_session(asyncorm.async_sessionmaker(other_engine))
+    await _add_pets(engine)
+    await _add_pets(other_engine)
+    order: list[str] = []
+
+    def record(name: str) -> Callable[..., None]:
+        return lambda *args: order.append(name)
+
+    async def handler(request: Request) -> Response:
+        db.add(User(name="outer"))
+        other.add(User(name="inner"))
+        dangling = db if failing == "outer" else other
+        # accepted now, refused at COMMIT
+        await dangling.execute(text("INSERT INTO pets (id, owner_id) VALUES (1, 999)"))
+        event.listen(db().sync_session, "after_commit", record("outer"))
+        event.listen(other().sync_session, "after_commit", record("inner"))
+        return PlainTextResponse("created", status_code=201)
+
+    app = Starlette(
+        routes=[Route("/", handler, methods=["POST"])],
+        middleware=[
+            Middleware(SessionMiddleware, registry=db, commit="auto"),
+            Middleware(SessionMiddleware, registry=other, commit="auto"),
+        ],
+    )
+    try:
+        async with serve(app) as client:
+            response = await client.post("/")
+        assert response.status_code == 500
+        if failing == "outer":
+            assert order == []
+            assert await names(db.session_factory) == []
+        else:
+            assert order == ["outer"]
+            assert await names(db.session_factory) == ["outer"]
+        assert await names(other.session_factory) == []
+        await other.wait_closed()
+        assert other.live_sessions == 0
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TABLE pets"))
+        await other_engine.dispose()
