@@ -28,6 +28,7 @@ in the same task after the response, never see the request's session.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from typing import Any, Final, Literal
 
@@ -82,6 +83,11 @@ class SessionMiddleware:
       settles them all at response start: every check, then a flush of every session, then
       the commits one after the other, outermost first. A failing commit still gives a 500,
       but the commits before it stand: there is no atomicity across databases.
+      When the app has an exception handler for the commit's error (Starlette's
+      ``exception_handlers={IntegrityError: ...}``, FastAPI's ``@app.exception_handler``),
+      the middleware runs it and sends its response instead of the app's, as Starlette
+      would for an error raised by the handler; otherwise the error propagates (a 500, and
+      a handler for ``500``/``Exception`` runs).
 
     ``read_only_methods`` (e.g. :data:`DEFAULT_READ_ONLY_METHODS`): requests with these
     methods get ``db.scope(read_only=True)``; a write raises ``ReadOnlySessionError`` (a
@@ -166,23 +172,87 @@ class SessionMiddleware:
                     plan = scope[AUTO_COMMITS_KEY] = [request]
                 else:
                     joined.append(request)
-            await self.app(scope, request.wrap_receive(receive), _wrap_send(request, plan, send))
+            receive = request.wrap_receive(receive)
+            await self.app(scope, receive, _wrap_send(scope, request, plan, receive, send))
         finally:
             await request.close()
 
 
-def _wrap_send(request: _RequestScope, plan: list[_RequestScope] | None, send: Send) -> Send:
+def _wrap_send(
+    scope: Scope,
+    request: _RequestScope,
+    plan: list[_RequestScope] | None,
+    receive: Receive,
+    send: Send,
+) -> Send:
+    replaced = False  # a failed commit's exception handler answered instead
+
     async def send_wrapper(message: Message) -> None:
+        nonlocal replaced
         kind = message["type"]
-        if kind == "http.response.start" and plan is not None:
-            await _settle(plan, message["status"])  # raises: the start is never sent
-        await send(message)
-        if (kind == "http.response.body" and not message.get("more_body", False)) or (
+        final = (kind == "http.response.body" and not message.get("more_body", False)) or (
             kind == "http.response.pathsend"
-        ):
+        )
+        if replaced:  # the app's own response, after the commit failed: dropped
+            if final:
+                await request.finish()
+            return
+        if kind == "http.response.start" and plan is not None:
+            try:
+                await _settle(plan, message["status"])
+            except Exception as exc:
+                # raises: the start is never sent, the framework answers 500; unless the
+                # app has an exception handler for it, which answers instead
+                handler = _exception_handler(scope, exc)
+                if handler is None:
+                    raise
+                for other in plan:
+                    session = other.session()
+                    if session is not None:
+                        await session.rollback()
+                replaced = True
+                await _handle(handler, exc, scope, receive, send)
+                return
+        await send(message)
+        if final:
             await request.finish()
 
     return send_wrapper
+
+
+def _exception_handler(scope: Scope, exc: Exception) -> Callable[..., Any] | None:
+    """The handler a Starlette (or FastAPI) app registered for ``exc``'s class, if any.
+
+    Starlette's ExceptionMiddleware keeps them in the ASGI scope; it cannot run one for an
+    error raised from ``send`` after ``http.response.start`` (the response has started, as
+    far as it knows), so the middleware runs it, before anything was sent.
+    """
+    handlers = scope.get("starlette.exception_handlers")
+    if not handlers:
+        return None
+    by_class: Mapping[Any, Callable[..., Any]] = handlers[0]
+    for cls in type(exc).__mro__:
+        if cls in by_class:
+            return by_class[cls]
+    return None
+
+
+async def _handle(
+    handler: Callable[..., Any], exc: Exception, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Run a Starlette exception handler as ExceptionMiddleware does, and send its response."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+
+    request = Request(scope, receive, send)
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004
+    ):
+        response = await handler(request, exc)
+    else:
+        response = await run_in_threadpool(handler, request, exc)
+    if response is not None:
+        await response(scope, receive, send)
 
 
 async def _settle(plan: list[_RequestScope], status: int) -> None:

@@ -2,8 +2,9 @@
 
 A ``BaseHTTPMiddleware`` inside the middleware (the handler runs in a task of its own),
 ``db.remove()`` before a streamed response, a background task after a streamed response (both
-sent from another task under uvicorn's ASGI 2.3), and two registries' auto-commits. Real
-uvicorn servers, real httpx clients, both backends.
+sent from another task under uvicorn's ASGI 2.3), two registries' auto-commits, and the
+app's exception handlers for a failing auto-commit. Real uvicorn servers, real httpx
+clients, both backends.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the endpoints' annotations
@@ -15,13 +16,14 @@ from typing import Annotated, Any
 import fastapi
 import pytest
 from sqlalchemy import event, insert, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import asyncorm
@@ -352,3 +354,48 @@ async def test_two_registries_commit_outermost_first_after_every_check_and_flush
         async with engine.begin() as conn:
             await conn.execute(text("DROP TABLE pets"))
         await other_engine.dispose()
+
+
+# -- a failing auto-commit and the app's exception handlers --------------------------------
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_failing_auto_commit_runs_the_apps_exception_handler(
+    db: Registry, engine: AsyncEngine, framework: str
+) -> None:
+    await _add_pets(engine)
+    handled: list[BaseException] = []
+
+    async def conflict(request: Request, exc: Exception) -> Response:
+        handled.append(exc)
+        return JSONResponse({"error": "conflict"}, status_code=409)
+
+    async def handler(request: Request) -> Response:
+        db.add(User(name="with-pet"))
+        # the dangling foreign key is accepted now and refused at COMMIT
+        await db.execute(text("INSERT INTO pets (id, owner_id) VALUES (1, 999)"))
+        return PlainTextResponse("created", status_code=201)
+
+    app: ASGI
+    if framework == "starlette":
+        app = Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[Middleware(SessionMiddleware, registry=db, commit="auto")],
+            exception_handlers={IntegrityError: conflict},
+        )
+    else:
+        api = fastapi.FastAPI()
+        api.add_middleware(SessionMiddleware, registry=db, commit="auto")
+        api.add_exception_handler(IntegrityError, conflict)
+        api.add_api_route("/", handler, methods=["POST"])
+        app = api
+    try:
+        async with serve(app) as client:
+            response = await client.post("/")
+        assert (response.status_code, response.json()) == (409, {"error": "conflict"})
+        assert len(handled) == 1
+        assert isinstance(handled[0], IntegrityError)
+        assert await names(db.session_factory) == []
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TABLE pets"))
