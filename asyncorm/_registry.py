@@ -440,7 +440,7 @@ class _ScopeContext(Generic[_AS]):
         self._tracker: _Tracker | None = None
         self._ended = False  # its unit of work was ended from another task: end_elsewhere()
         # sessions of tasks spawned inside this scope (registry rule 3), while they run
-        self._children: list[tuple[asyncio.Task[Any], _Tracker]] = []
+        self._children: dict[_Tracker, asyncio.Task[Any]] = {}
 
     def __repr__(self) -> str:
         owner = f" in task {self._owner.get_name()!r}" if self._owner is not None else ""
@@ -547,10 +547,11 @@ class _ScopeContext(Generic[_AS]):
         """Remember the session of ``task``, spawned inside this scope, while it runs."""
         if self._state is not _OPEN:
             return
-        live = self._registry._live
-        children = [(t, tr) for t, tr in self._children if not t.done() and tr in live]
-        children.append((task, tracker))
-        self._children = children
+        self._children[tracker] = task
+        task.add_done_callback(functools.partial(self._forget_child, tracker))
+
+    def _forget_child(self, tracker: _Tracker, task: asyncio.Task[Any]) -> None:
+        self._children.pop(tracker, None)
 
     def unsaved_children(self) -> list[tuple[asyncio.Task[Any], _Site]]:
         """Running tasks spawned inside this scope whose own session holds unsaved writes.
@@ -560,7 +561,7 @@ class _ScopeContext(Generic[_AS]):
         """
         live = self._registry._live
         found: list[tuple[asyncio.Task[Any], _Site]] = []
-        for task, tracker in self._children:
+        for tracker, task in self._children.items():
             session = tracker()
             if task.done() or tracker not in live or session is None:
                 continue

@@ -22,7 +22,15 @@ Timing of one HTTP request (``commit="auto"``)::
 
 The request's scope ends when the last body message has been sent (or when the call ends, on
 an error, a cancellation or a client disconnect), so background tasks, which Starlette runs
-in the same task after the response, never see the request's session.
+in the same task after the response, never see the request's session. When Starlette sends
+the response from another task (ASGI < 2.4 servers stream in a task group), the commit and
+the end of the request's work still apply to the session ``db()`` returns in the request's
+task (the scope frame knows it), and the background tasks get a new session.
+
+At response start the auto-commit first checks the tasks spawned inside the request (a
+handler behind a ``BaseHTTPMiddleware`` runs in one): uncommitted writes in such a task's own
+session cannot be committed by the request, so it raises ``UncommittedTaskWorkError`` (500)
+instead of answering 2xx for lost work.
 """
 
 from __future__ import annotations
@@ -269,8 +277,9 @@ async def _settle(plan: list[_RequestScope], status: int) -> None:
         for session in sessions:
             await session.rollback()
         return
-    for session in sessions:
-        await session.flush()
+    if len(sessions) > 1:  # a commit flushes first anyway
+        for session in sessions:
+            await session.flush()
     for session in sessions:
         await session.commit()
     # a failure anywhere raises from send(): the start is never sent, and the sessions not
