@@ -32,6 +32,7 @@ from ._errors import (
     TLSVerificationError,
     TransactionalUnitError,
     TransactionOutcomeUnknownError,
+    UncommittedTaskWorkError,
     WriteConflictError,
 )
 from ._query import AsyncQuery, AwaitableExists
@@ -65,6 +66,7 @@ __all__ = [
     "TLSVerificationError",
     "TransactionOutcomeUnknownError",
     "TransactionalUnitError",
+    "UncommittedTaskWorkError",
     "WriteConflictError",
     "async_scoped_session",
     "async_sessionmaker",

@@ -13,6 +13,7 @@ from the builtin or SQLAlchemy error they refine, so existing ``except`` clauses
     ├── ConnectionLostError       (also sqlalchemy.exc.OperationalError)
     ├── DatabaseUnavailableError  (also ConnectionError)
     ├── ScopeError                (also RuntimeError)
+    ├── UncommittedTaskWorkError  (also RuntimeError)
     ├── EventLoopMismatchError    (also RuntimeError)
     ├── TransactionOutcomeUnknownError (also RuntimeError)
     ├── PoolTimeoutError          (also sqlalchemy.exc.TimeoutError)
@@ -48,6 +49,7 @@ __all__ = [
     "TLSVerificationError",
     "TransactionOutcomeUnknownError",
     "TransactionalUnitError",
+    "UncommittedTaskWorkError",
     "WriteConflictError",
 ]
 
@@ -124,6 +126,30 @@ class NoSessionScopeError(AsyncORMError, RuntimeError):
 
 class ScopeError(AsyncORMError, RuntimeError):
     """A registry scope was used against its rules (e.g. exited from another task)."""
+
+
+class UncommittedTaskWorkError(AsyncORMError, RuntimeError):
+    """A request's auto-commit found writes it cannot commit, in another task's own session.
+
+    Raised by ``SessionMiddleware(commit="auto")`` at response start, instead of committing,
+    when a task spawned inside the request (it inherited the request's scope) holds
+    uncommitted writes in its own session (registry rule 3): those writes are rolled back
+    when that task ends, so a success status would be a lie. The usual cause is a Starlette
+    ``BaseHTTPMiddleware`` (``@app.middleware("http")``) inside ``SessionMiddleware``, which
+    runs the handler in a task of its own. Everything is rolled back and the client gets a
+    500. Put ``SessionMiddleware`` inside every ``BaseHTTPMiddleware``, or commit in that
+    task, or give a task that outlives the request its own scope (``@db.scoped``).
+
+    Example::
+
+        app = Starlette(routes=routes, middleware=[
+            Middleware(SessionMiddleware, registry=db, commit="auto"),
+            Middleware(TimingMiddleware),   # a BaseHTTPMiddleware: move it above
+        ])
+        # POST /users -> 500, UncommittedTaskWorkError: ... task 'Task-7' ...
+
+    .. versionadded:: 0.2
+    """
 
 
 class EventLoopMismatchError(AsyncORMError, RuntimeError):

@@ -26,6 +26,7 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._errors import LazyLoadError
+from ._unsaved import note_flush, note_write
 
 __all__ = ["SyncSession"]
 
@@ -35,7 +36,8 @@ class SyncSession(Session):
 
     SQLAlchemy's Session, except that ``execute()`` called outside an awaited session call
     (an attribute access that needs a query) raises :class:`~asyncorm.LazyLoadError`
-    instead of reaching the driver.
+    instead of reaching the driver. It also remembers which transaction executed a statement
+    that may write, or flushed (:mod:`asyncorm._unsaved`).
     """
 
     _asyncorm_connections: list[Connection] | None = None
@@ -50,7 +52,22 @@ class SyncSession(Session):
         def execute(self, statement, *args, **kwargs):
             if not in_greenlet():
                 raise _implicit_io_error(self, statement, args, kwargs)
-            return super().execute(statement, *args, **kwargs)
+            result = super().execute(statement, *args, **kwargs)
+            note_write(self, statement)
+            return result
+
+        def scalar(self, statement, *args, **kwargs):
+            result = super().scalar(statement, *args, **kwargs)
+            note_write(self, statement)
+            return result
+
+        def scalars(self, statement, *args, **kwargs):
+            result = super().scalars(statement, *args, **kwargs)
+            note_write(self, statement)
+            return result
+
+
+event.listen(SyncSession, "after_flush", note_flush)
 
 
 @event.listens_for(SyncSession, "after_begin")

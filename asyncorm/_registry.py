@@ -45,6 +45,7 @@ from ._errors import NoSessionScopeError, ScopeError
 from ._proxy import install_session_proxies
 from ._session import AsyncSession
 from ._transaction import OnRetry, UnitDecorator, decorate_for_registry, settings
+from ._unsaved import has_unsaved_writes
 
 __all__ = ["async_scoped_session"]
 
@@ -158,7 +159,9 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
             task = None
         if scope is not None and scope.owner is task:
             session = scope.session
-            if session is not None:
+            # the frame knows the scope's current session (remove(), or a scope ended from
+            # another task, replace it); the ContextVar holds a copy for this fast path
+            if session is not None and (scope.frame is None or scope.frame._session is session):
                 return session
         return self._resolve(scope, task)
 
@@ -167,16 +170,24 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
         if task is None:
             raise ScopeError(_no_task_message("db()"))
         if scope is not None and scope.owner is task:  # own scope, first use
-            session, tracker = self._create(task, scope.kwargs)
-            self._contextvar.set(_Scope(task, session, tracker, scope.frame, scope.kwargs))
-            if scope.frame is None:
+            frame = scope.frame
+            if frame is None:
+                session, tracker = self._create(task, scope.kwargs)
                 task.add_done_callback(functools.partial(self._task_done, session, tracker))
+            elif frame._session is not None and frame._tracker is not None:
+                session, tracker = frame._session, frame._tracker  # created in another context
+            else:
+                session, tracker = self._create(task, frame._session_kwargs())
+                frame._session, frame._tracker = session, tracker
+            self._contextvar.set(_Scope(task, session, tracker, frame, scope.kwargs))
             return session
         if self.strict:
             raise NoSessionScopeError(_strict_message(task, scope))
         session, tracker = self._create(task, {})
         self._contextvar.set(_Scope(task, session, tracker, None, {}))
         task.add_done_callback(functools.partial(self._task_done, session, tracker))
+        if scope is not None and scope.frame is not None:
+            scope.frame._adopt(task, tracker)  # a task spawned inside another task's scope
         return session
 
     def _create(self, task: asyncio.Task[Any], kwargs: Mapping[str, Any]) -> tuple[_AS, _Tracker]:
@@ -349,13 +360,17 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
             raise ScopeError(_no_task_message("db.remove()"))
         if scope is None or scope.owner is not task:
             return
-        if scope.session is None or scope.tracker is None:
-            return
-        if scope.frame is None:
+        frame = scope.frame
+        if frame is None:
+            session, tracker = scope.session, scope.tracker
             self._contextvar.set(None)
         else:
-            self._contextvar.set(_Scope(task, None, None, scope.frame, scope.kwargs))
-        await self._close(scope.session, scope.tracker)
+            session, tracker = frame._session, frame._tracker
+            frame._session = frame._tracker = None
+            self._contextvar.set(_Scope(task, None, None, frame, scope.kwargs))
+        if session is None or tracker is None:
+            return
+        await self._close(session, tracker)
 
     def configure(self, **kwargs: Any) -> None:
         """Reconfigure the session factory, e.g. ``db.configure(bind=engine)`` at startup.
@@ -495,7 +510,17 @@ _NOT_A_CONTEXT_MANAGER = (
 class _ScopeContext(Generic[_AS]):
     """What ``db.scope()`` returns: a single-use async context manager for one scope."""
 
-    __slots__ = ("_kwargs", "_owner", "_registry", "_state", "_token")
+    __slots__ = (
+        "_children",
+        "_ended",
+        "_kwargs",
+        "_owner",
+        "_registry",
+        "_session",
+        "_state",
+        "_token",
+        "_tracker",
+    )
 
     def __init__(self, registry: async_scoped_session[_AS], kwargs: Mapping[str, Any]) -> None:
         self._registry = registry
@@ -503,6 +528,13 @@ class _ScopeContext(Generic[_AS]):
         self._state = _NEW
         self._owner: asyncio.Task[Any] | None = None
         self._token: Token[_Scope[_AS] | None] | None = None
+        # the scope's current session, what db() returns in its owner task (None until the
+        # first db(), and after remove()); the ContextVar's _Scope holds a copy of it
+        self._session: _AS | None = None
+        self._tracker: _Tracker | None = None
+        self._ended = False  # its unit of work was ended from another task: end_elsewhere()
+        # sessions of tasks spawned inside this scope (registry rule 3), while they run
+        self._children: dict[_Tracker, asyncio.Task[Any]] = {}
 
     def __repr__(self) -> str:
         owner = f" in task {self._owner.get_name()!r}" if self._owner is not None else ""
@@ -537,6 +569,7 @@ class _ScopeContext(Generic[_AS]):
         session = tracker = None
         if eager:
             session, tracker = registry._create(task, self._kwargs)
+        self._session, self._tracker = session, tracker
         scope = _Scope(task, session, tracker, self, self._kwargs)
         self._token = registry._contextvar.set(scope)
         self._owner = task
@@ -568,11 +601,67 @@ class _ScopeContext(Generic[_AS]):
                 f"scopes must be left innermost first."
             )
         self._state = _DONE
+        session, tracker = self._session, self._tracker
+        self._session = self._tracker = None
+        self._children.clear()
         try:
-            if scope.session is not None and scope.tracker is not None:
-                await registry._close(scope.session, scope.tracker)
+            if session is not None and tracker is not None:
+                await registry._close(session, tracker)
         finally:
             registry._contextvar.reset(self._token)
+
+    # -- for the framework integrations -------------------------------------------------
+
+    def _session_kwargs(self) -> Mapping[str, Any]:
+        """The arguments of the scope's next session: none once its work ended elsewhere."""
+        return {} if self._ended else self._kwargs
+
+    @property
+    def current_session(self) -> _AS | None:
+        """The session ``db()`` returns in the scope's owner task now (None: not created)."""
+        return self._session
+
+    async def end_elsewhere(self) -> None:
+        """End the scope's unit of work from another task than its owner.
+
+        Only the owner can leave the scope (it resets the owner's ContextVar). This closes
+        the scope's session now (uncommitted work rolled back, connection returned); in the
+        owner task, ``db()`` then returns a new session with the factory's defaults, closed
+        when the owner leaves the scope.
+        """
+        if self._state is not _OPEN:
+            return
+        self._ended = True
+        session, tracker = self._session, self._tracker
+        self._session = self._tracker = None
+        if session is not None and tracker is not None:
+            await self._registry._close(session, tracker)
+
+    def _adopt(self, task: asyncio.Task[Any], tracker: _Tracker) -> None:
+        """Remember the session of ``task``, spawned inside this scope, while it runs."""
+        if self._state is not _OPEN:
+            return
+        self._children[tracker] = task
+        task.add_done_callback(functools.partial(self._forget_child, tracker))
+
+    def _forget_child(self, tracker: _Tracker, task: asyncio.Task[Any]) -> None:
+        self._children.pop(tracker, None)
+
+    def unsaved_children(self) -> list[tuple[asyncio.Task[Any], _Site]]:
+        """Running tasks spawned inside this scope whose own session holds unsaved writes.
+
+        Their work is rolled back when they end (registry rule 3): nothing that ends this
+        scope can commit it.
+        """
+        live = self._registry._live
+        found: list[tuple[asyncio.Task[Any], _Site]] = []
+        for tracker, task in self._children.items():
+            session = tracker()
+            if task.done() or tracker not in live or session is None:
+                continue
+            if has_unsaved_writes(session):
+                found.append((task, tracker.site))
+        return found
 
 
 _NEW, _OPEN, _DONE = 0, 1, 2

@@ -13,12 +13,14 @@ Commit policy (``commit=``):
 * ``"auto"``: the request's session is committed when the handler's response has a status
   below 400, *before* the response is sent; a failing commit raises, so aiohttp answers 500
   and the client never sees a 2xx for work that was not committed. A status of 400 or more,
-  or an exception (including a raised ``web.HTTPException`` of status 400 or more), rolls
-  back. A raised ``HTTPFound`` (or any 3xx) counts as below 400 and commits. A response the
-  handler prepared itself (a streamed ``StreamResponse``, a ``WebSocketResponse``) has sent its
-  headers already: it is committed when the handler returns, so the client may have seen a 200
-  for work whose commit then fails; aiohttp then drops the connection, and a body the handler
-  had not finished (no ``write_eof()``) reaches the client truncated, as an error.
+  an exception (including a raised ``web.HTTPException`` of status 400 or more), or a
+  client that disconnected before the handler returned (aiohttp's default
+  ``handler_cancellation=False`` lets such a handler run on) rolls back. A raised
+  ``HTTPFound`` (or any 3xx) counts as below 400 and commits. A response the handler
+  prepared itself (a streamed ``StreamResponse``, a ``WebSocketResponse``) has sent its
+  headers already: it is committed when the handler returns, so the client may have seen a
+  200 for work whose commit then fails; aiohttp then drops the connection, and a body the
+  handler had not finished (no ``write_eof()``) reaches the client truncated, as an error.
 
 aiohttp is an optional extra (``pip install asyncorm[aiohttp]``); ``import asyncorm`` never
 imports this module.
@@ -68,11 +70,20 @@ class _Policy:
         return user
 
 
-async def _commit(registry: async_scoped_session[Any]) -> None:
-    """Commit the current task's (the request's) session when it has anything to commit."""
+async def _commit(registry: async_scoped_session[Any], request: web.Request) -> None:
+    """Commit the current task's (the request's) session when it has anything to commit,
+    unless the client is gone: then nothing is committed (the scope rolls back)."""
+    if _client_gone(request):
+        return
     session: AsyncSession = registry()
     if session.in_transaction() or session.new or session.deleted or session.dirty:
         await session.commit()
+
+
+def _client_gone(request: web.Request) -> bool:
+    """Whether the request's connection was lost (aiohttp drops its transport then)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def setup(
@@ -97,7 +108,8 @@ def setup(
     * with ``commit="auto"``: a commit when the handler returns a response (or raises an
       ``HTTPException``) of status below 400, before aiohttp sends it; a failing commit
       raises, so the client gets a 500. A response the handler prepared (streamed) itself
-      is committed when the handler returns, after its headers went out.
+      is committed when the handler returns, after its headers went out. Nothing is
+      committed when the client disconnected before the handler returned.
     * ``read_only_methods`` (e.g. :data:`READ_ONLY_METHODS`): requests with those methods get
       ``registry.scope(read_only=True)``, so a write raises ``ReadOnlySessionError`` (500).
       With ``commit="auto"``, other methods get ``registry.scope(write=True)`` (declared units
@@ -154,13 +166,14 @@ def _make_middleware(policy: _Policy) -> Any:
                 response: web.StreamResponse = await handler(request)
             except web.HTTPException as exc:
                 if policy.auto and exc.status < 400:  # HTTPFound and friends
-                    await _commit(registry)
+                    await _commit(registry, request)
                 raise
             if policy.auto and response.status < 400:
                 # Not prepared yet (a web.Response): aiohttp sends it after we return, so a
                 # failing commit becomes a 500. Prepared by the handler (streamed, websocket):
                 # its headers are out; a failing commit makes aiohttp drop the connection.
-                await _commit(registry)
+                # A client that disconnected meanwhile gets nothing committed.
+                await _commit(registry, request)
             return response
 
     return asyncorm_scope

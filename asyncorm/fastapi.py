@@ -9,11 +9,13 @@ handler commits).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import HTTPConnection
 
+from ._errors import ScopeError
 from ._registry import async_scoped_session
 from ._session import AsyncSession
 from .starlette import SCOPE_KEY
@@ -57,9 +59,27 @@ def session_dependency(
 
     async def get_session(connection: HTTPConnection) -> AsyncIterator[_AS]:
         if any(r is registry for r in connection.scope.get(SCOPE_KEY, ())):
+            _check_request_task(registry)
             yield registry()
             return
         async with registry.scope(**session_kwargs) as session:
             yield session
 
     return get_session
+
+
+def _check_request_task(registry: async_scoped_session[Any]) -> None:
+    """Refuse to run in another task than the one the middleware opened the scope in."""
+    scope = registry._contextvar.get()
+    task = asyncio.current_task()
+    if scope is None or task is None or scope.owner is task:
+        return
+    raise ScopeError(
+        f"session_dependency({registry!r}) runs in task {task.get_name()!r}, but "
+        f"SessionMiddleware opened the request's scope in task {scope.owner.get_name()!r}: "
+        f"a BaseHTTPMiddleware (@app.middleware('http')) between them runs the app in a "
+        f"task of its own, where db() is that task's own session, not the request's, and "
+        f"the middleware's commit policy cannot commit it. Put SessionMiddleware inside "
+        f"every BaseHTTPMiddleware: call app.add_middleware(SessionMiddleware, ...) before "
+        f"any @app.middleware('http') (the middleware added last is the outermost)."
+    )

@@ -22,16 +22,25 @@ Timing of one HTTP request (``commit="auto"``)::
 
 The request's scope ends when the last body message has been sent (or when the call ends, on
 an error, a cancellation or a client disconnect), so background tasks, which Starlette runs
-in the same task after the response, never see the request's session.
+in the same task after the response, never see the request's session. When Starlette sends
+the response from another task (ASGI < 2.4 servers stream in a task group), the commit and
+the end of the request's work still apply to the session ``db()`` returns in the request's
+task (the scope frame knows it), and the background tasks get a new session.
+
+At response start the auto-commit first checks the tasks spawned inside the request (a
+handler behind a ``BaseHTTPMiddleware`` runs in one): uncommitted writes in such a task's own
+session cannot be committed by the request, so it raises ``UncommittedTaskWorkError`` (500)
+instead of answering 2xx for lost work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from typing import Any, Final, Literal
 
-from ._errors import ScopeError
+from ._errors import ScopeError, UncommittedTaskWorkError
 from ._registry import _ScopeContext, async_scoped_session
 from ._session import AsyncSession
 
@@ -45,6 +54,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SCOPE_KEY: Final = "asyncorm.registries"
 """The ASGI scope key listing the registries whose middleware opened a scope for the call."""
+
+AUTO_COMMITS_KEY: Final = "asyncorm.auto_commits"
+"""The ASGI scope key of the request scopes the outermost ``commit="auto"`` middleware settles."""
 
 DEFAULT_READ_ONLY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 """The methods that are usually safe: pass them as ``read_only_methods`` to enforce it."""
@@ -71,7 +83,19 @@ class SessionMiddleware:
       client that disconnected (``http.disconnect`` received) rolls back. Requests whose
       method is not read-only get ``db.scope(write=True)`` (a declared unit of work, so a
       read-modify-write never conflicts on SQLite) unless ``session_kwargs`` is given.
-      What a streaming body writes after the response started is not committed.
+      What a streaming body writes after the response started is not committed. A task
+      spawned inside the request that still holds uncommitted writes in its own session
+      when the response starts (a handler behind a ``BaseHTTPMiddleware``) makes the
+      commit fail with :class:`~asyncorm.UncommittedTaskWorkError`, a 500.
+      With several ``commit="auto"`` middlewares (one per registry), the outermost one
+      settles them all at response start: every check, then a flush of every session, then
+      the commits one after the other, outermost first. A failing commit still gives a 500,
+      but the commits before it stand: there is no atomicity across databases.
+      When the app has an exception handler for the commit's error (Starlette's
+      ``exception_handlers={IntegrityError: ...}``, FastAPI's ``@app.exception_handler``),
+      the middleware runs it and sends its response instead of the app's, as Starlette
+      would for an error raised by the handler; otherwise the error propagates (a 500, and
+      a handler for ``500``/``Exception`` runs).
 
     ``read_only_methods`` (e.g. :data:`DEFAULT_READ_ONLY_METHODS`): requests with these
     methods get ``db.scope(read_only=True)``; a write raises ``ReadOnlySessionError`` (a
@@ -146,53 +170,164 @@ class SessionMiddleware:
         try:
             if scope["type"] == "websocket":
                 await self.app(scope, receive, send)
-            else:
-                await self.app(scope, request.wrap_receive(receive), self._wrap_send(request, send))
+                return
+            # The outermost commit="auto" middleware settles every auto-commit of the call
+            # (one per registry, outermost first) at response start; inner ones only join.
+            plan: list[_RequestScope] | None = None
+            if self.commit == "auto":
+                joined = scope.get(AUTO_COMMITS_KEY)
+                if joined is None:
+                    plan = scope[AUTO_COMMITS_KEY] = [request]
+                else:
+                    joined.append(request)
+            receive = request.wrap_receive(receive)
+            await self.app(scope, receive, _wrap_send(scope, request, plan, receive, send))
         finally:
             await request.close()
 
-    def _wrap_send(self, request: _RequestScope, send: Send) -> Send:
-        auto = self.commit == "auto"
 
-        async def send_wrapper(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start" and auto:
-                if message["status"] < 400 and not request.disconnected:
-                    await request.session().commit()  # raises: the start is never sent
-                else:
-                    await request.session().rollback()
-            await send(message)
-            if (kind == "http.response.body" and not message.get("more_body", False)) or (
-                kind == "http.response.pathsend"
-            ):
+def _wrap_send(
+    scope: Scope,
+    request: _RequestScope,
+    plan: list[_RequestScope] | None,
+    receive: Receive,
+    send: Send,
+) -> Send:
+    replaced = False  # a failed commit's exception handler answered instead
+
+    async def send_wrapper(message: Message) -> None:
+        nonlocal replaced
+        kind = message["type"]
+        final = (kind == "http.response.body" and not message.get("more_body", False)) or (
+            kind == "http.response.pathsend"
+        )
+        if replaced:  # the app's own response, after the commit failed: dropped
+            if final:
                 await request.finish()
+            return
+        if kind == "http.response.start" and plan is not None:
+            try:
+                await _settle(plan, message["status"])
+            except Exception as exc:
+                # raises: the start is never sent, the framework answers 500; unless the
+                # app has an exception handler for it, which answers instead
+                handler = _exception_handler(scope, exc)
+                if handler is None:
+                    raise
+                for other in plan:
+                    session = other.session()
+                    if session is not None:
+                        await session.rollback()
+                replaced = True
+                await _handle(handler, exc, scope, receive, send)
+                return
+        await send(message)
+        if final:
+            await request.finish()
 
-        return send_wrapper
+    return send_wrapper
+
+
+def _exception_handler(scope: Scope, exc: Exception) -> Callable[..., Any] | None:
+    """The handler a Starlette (or FastAPI) app registered for ``exc``'s class, if any.
+
+    Starlette's ExceptionMiddleware keeps them in the ASGI scope; it cannot run one for an
+    error raised from ``send`` after ``http.response.start`` (the response has started, as
+    far as it knows), so the middleware runs it, before anything was sent.
+    """
+    handlers = scope.get("starlette.exception_handlers")
+    if not handlers:
+        return None
+    by_class: Mapping[Any, Callable[..., Any]] = handlers[0]
+    for cls in type(exc).__mro__:
+        if cls in by_class:
+            return by_class[cls]
+    return None
+
+
+async def _handle(
+    handler: Callable[..., Any], exc: Exception, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Run a Starlette exception handler as ExceptionMiddleware does, and send its response."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+
+    request = Request(scope, receive, send)
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004
+    ):
+        response = await handler(request, exc)
+    else:
+        response = await run_in_threadpool(handler, request, exc)
+    if response is not None:
+        await response(scope, receive, send)
+
+
+async def _settle(plan: list[_RequestScope], status: int) -> None:
+    """Commit (below 400) or roll back every auto-commit request scope of the call.
+
+    First the checks, then a flush of every session, then the commits one after the other
+    (outermost middleware first): an error before the first commit leaves nothing committed.
+    """
+    sessions = [s for s in (request.session() for request in plan) if s is not None]
+    lost = [child for request in plan for child in request.unsaved_children()]
+    if lost:
+        raise UncommittedTaskWorkError(_lost_work_message(lost))
+    if status >= 400 or any(request.disconnected for request in plan):
+        for session in sessions:
+            await session.rollback()
+        return
+    if len(sessions) > 1:  # a commit flushes first anyway
+        for session in sessions:
+            await session.flush()
+    for session in sessions:
+        await session.commit()
+    # a failure anywhere raises from send(): the start is never sent, and the sessions not
+    # committed are rolled back when their scopes close, before the framework answers 500
+
+
+def _lost_work_message(lost: list[tuple[asyncio.Task[Any], tuple[str, int, str]]]) -> str:
+    tasks = ", ".join(
+        f"task {task.get_name()!r} (its session created at {file}:{line} in {function}())"
+        for task, (file, line, function) in lost
+    )
+    return (
+        f"The request's auto-commit cannot commit the uncommitted writes of {tasks}: that "
+        f"task runs inside the request but is not the request's task, so db() there is the "
+        f"task's own session, rolled back when the task ends. A handler runs in a task of "
+        f"its own when a BaseHTTPMiddleware (@app.middleware('http')) sits inside "
+        f"SessionMiddleware: put SessionMiddleware inside every BaseHTTPMiddleware (after it "
+        f"in middleware=[...]), or use pure ASGI middleware, or commit in that task "
+        f"(await db.commit()); a task that outlives the request should open its own scope "
+        f"(@db.scoped). Nothing was committed: the request is answered 500."
+    )
 
 
 class _RequestScope:
     """The request's scope, entered by hand: it may end before the ASGI call does."""
 
-    __slots__ = ("_captured", "_context", "_owner", "_registry", "closed", "disconnected")
+    __slots__ = ("_context", "_owner", "_registry", "closed", "disconnected")
 
     def __init__(self, registry: async_scoped_session[Any], context: _ScopeContext[Any]) -> None:
         self._registry = registry
         self._context = context
         self._owner = asyncio.current_task()
-        self._captured: AsyncSession | None = None
         self.closed = False
         self.disconnected = False
 
     async def open(self) -> None:
-        self._captured = await self._context.__aenter__()
+        await self._context.__aenter__()
 
-    def session(self) -> AsyncSession:
-        """The session ``db()`` returns in the request's task (even if ``send`` runs elsewhere)."""
-        if asyncio.current_task() is self._owner:
-            current: AsyncSession = self._registry()
-            return current
-        assert self._captured is not None
-        return self._captured
+    def session(self) -> AsyncSession | None:
+        """The session ``db()`` returns now in the request's task, from any task.
+
+        ``None`` when there is none (``db.remove()`` was called and ``db()`` not since).
+        """
+        return self._context.current_session
+
+    def unsaved_children(self) -> list[tuple[asyncio.Task[Any], tuple[str, int, str]]]:
+        """Tasks spawned inside the request whose own session holds uncommitted writes."""
+        return self._context.unsaved_children()
 
     def wrap_receive(self, receive: Receive) -> Receive:
         async def receive_wrapper() -> Message:
@@ -209,10 +344,10 @@ class _RequestScope:
             return
         if asyncio.current_task() is not self._owner:
             # The body was sent from another task (Starlette streams in a task group when the
-            # server speaks ASGI < 2.4); only the owner can leave the scope. End the
-            # session's work: roll back, return the connection; the scope closes it at the end.
-            assert self._captured is not None
-            await self._captured.close()
+            # server speaks ASGI < 2.4); only the owner can leave the scope. End its unit of
+            # work from here: its session closed now, and db() in the request's task (the
+            # background tasks Starlette runs next) a new session with the factory's defaults.
+            await self._context.end_elsewhere()
             return
         self.closed = True
         try:

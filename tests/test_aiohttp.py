@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -584,3 +585,59 @@ async def test_session_kwargs_are_added_and_replace_the_method_defaults(
         ("POST", "/flags"): {"read_only": False, "write": True, "autoflush": False},
         ("GET", "/flags?writer"): {"read_only": False, "write": True, "autoflush": True},
     }
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+async def test_handler_finishing_after_its_client_left_is_not_auto_committed(
+    db: Registry, engine: AsyncEngine, backend: Backend, prepared: bool
+) -> None:
+    """aiohttp's default (handler_cancellation=False) lets the handler run on: roll back."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    client_gone = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        db.add(User(name="orphan"))
+        await db.flush()  # holds a connection and a transaction
+        entered.set()
+        await release.wait()  # set once the server has seen the client go away
+        if prepared:
+            response = web.StreamResponse(status=200)
+            with contextlib.suppress(ConnectionResetError):  # nobody to send them to
+                await response.prepare(request)
+            return response
+        return web.json_response({"ok": True}, status=201)
+
+    app = web.Application()
+    tracker = Tracker(app)
+    app.router.add_post("/slow", slow)
+    asyncorm.aiohttp.setup(app, db, commit="auto")
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    lost = server.connection_lost
+
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        lost(handler, exc)
+        client_gone.set()
+
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        client = aiohttp.ClientSession(url)
+        request = asyncio.create_task(client.post("/slow"))
+        await entered.wait()
+        request.cancel()
+        await client.close()  # closes the connection while the handler waits
+        await client_gone.wait()
+        release.set()
+        await tracker.done["/slow"].wait()
+        assert "/slow" not in tracker.errors  # the handler returned normally
+        await assert_nothing_open(db, engine, backend)
+    finally:
+        await runner.cleanup()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert await user_names(engine) == set()

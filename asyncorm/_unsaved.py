@@ -1,0 +1,63 @@
+"""Whether a session holds writes that nobody has committed yet.
+
+The registry uses this to tell a request's scope about sessions of tasks spawned under it
+that hold uncommitted writes (see :mod:`asyncorm.starlette`): such a task's work is rolled
+back when the task ends (registry rule 3), and the request's auto-commit cannot commit it.
+
+A session has unsaved writes when it has pending ORM changes (``new``, ``dirty``,
+``deleted``), or when its current transaction flushed or executed a statement that may write:
+an ORM flush (the ``after_flush`` event), or an ``insert()``/``update()``/``delete()``
+construct or ``text()`` SQL that is not a plain read run through ``execute()``,
+``scalar()`` or ``scalars()`` (:func:`note_write`, called by ``SyncSession``). Writes sent
+through ``session.connection()`` directly are not seen. The mark names the root
+transaction, so a commit or a rollback clears it without another event.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+__all__ = ["has_unsaved_writes", "note_flush", "note_write"]
+
+_READ_TEXT = re.compile(r"\s*\(?\s*(select|values|explain|show|table)\b", re.IGNORECASE)
+_WITH_TEXT = re.compile(r"\s*with\b", re.IGNORECASE)
+_DML_WORD = re.compile(r"\b(insert|update|delete|merge)\b", re.IGNORECASE)
+
+
+def _may_write(statement: Any) -> bool:
+    """Whether ``statement`` may write: a DML construct, or text SQL that is not a read."""
+    if getattr(statement, "is_dml", False):
+        return True
+    if isinstance(statement, TextClause):
+        sql = statement.text
+        if _WITH_TEXT.match(sql):
+            return _DML_WORD.search(sql) is not None
+        return _READ_TEXT.match(sql) is None
+    return False
+
+
+def note_write(session: Session, statement: Any) -> None:
+    """After ``session`` executed ``statement``: remember its transaction if it may write."""
+    if _may_write(statement):
+        session._asyncorm_wrote_in = session.get_transaction()  # type: ignore[attr-defined]
+
+
+def note_flush(session: Session, flush_context: Any) -> None:
+    """The ``after_flush`` listener: the session's transaction wrote."""
+    session._asyncorm_wrote_in = session.get_transaction()  # type: ignore[attr-defined]
+
+
+def has_unsaved_writes(session: AsyncSession) -> bool:
+    """True when ``session`` has pending ORM changes or an uncommitted transaction that wrote."""
+    sync = session.sync_session
+    if sync._new or sync._deleted or sync.identity_map.check_modified():
+        return True
+    transaction = sync.get_transaction()
+    return transaction is not None and getattr(sync, "_asyncorm_wrote_in", None) is transaction
