@@ -1,0 +1,31 @@
+"""Smoke test of the web benchmark (benchmarks/web.py): it serves, measures and reports.
+
+``--quick`` on each backend: three apps under uvicorn in a child process, a real HTTP client
+here. No timing is asserted, only that every contender was measured and the ratios printed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.web import main
+from tests.conftest import postgres_url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_quick_run_measures_every_contender(
+    backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--quick", "--backend", backend]
+    if backend == "postgresql":
+        args += ["--postgres-url", postgres_url()]
+
+    assert main(args) == 0
+
+    out = capsys.readouterr().out
+    assert f"### {backend}" in out
+    for contender in ("middleware", "by hand", "raw"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {contender} |"))
+        assert float(row.split("|")[2].replace(",", "")) > 0, row
+    assert "- middleware / by hand: " in out
+    assert "- by hand / raw: " in out
