@@ -16,8 +16,8 @@ Then:
     curl localhost:8000/stats
     curl -X DELETE localhost:8000/users/1
 
-``SessionMiddleware`` opens one registry scope per request; the ``Session`` dependency is that
-request's session (``db()`` anywhere in the request returns the same one). With
+``SessionMiddleware`` opens one registry scope per request; the ``SessionDep`` dependency is
+that request's session (``db()`` anywhere in the request returns the same one). With
 ``commit="auto"`` it is committed when the response status is below 400, before the response
 is sent, and rolled back otherwise; GET requests run read-only. A missing user is a 404
 (``NoResultFound``), a taken email a 409 (``IntegrityError``).
@@ -97,7 +97,7 @@ class Stats(BaseModel):
 
 engine = asyncorm.create_engine(os.environ.get("DATABASE_URL", "sqlite:///users.db"))
 db = asyncorm.async_scoped_session(asyncorm.async_sessionmaker(engine))
-Session = Annotated[AsyncSession, Depends(session_dependency(db))]
+SessionDep = Annotated[AsyncSession, Depends(session_dependency(db))]
 
 
 @asynccontextmanager
@@ -133,13 +133,13 @@ async def get_user(session: AsyncSession, user_id: int) -> User:
 
 
 @app.get("/users")
-async def list_users(session: Session) -> list[UserOut]:
+async def list_users(session: SessionDep) -> list[UserOut]:
     query = select(User).options(selectinload(User.addresses)).order_by(User.id)
     return [UserOut.model_validate(user) for user in await session.scalars(query)]
 
 
 @app.post("/users", status_code=201)
-async def create_user(body: UserIn, session: Session) -> UserOut:
+async def create_user(body: UserIn, session: SessionDep) -> UserOut:
     addresses = [Address(street=street) for street in body.addresses]
     user = User(name=body.name, email=body.email, addresses=addresses)
     session.add(user)
@@ -148,12 +148,12 @@ async def create_user(body: UserIn, session: Session) -> UserOut:
 
 
 @app.get("/users/{user_id}")
-async def read_user(user_id: int, session: Session) -> UserOut:
+async def read_user(user_id: int, session: SessionDep) -> UserOut:
     return UserOut.model_validate(await get_user(session, user_id))
 
 
 @app.patch("/users/{user_id}")
-async def update_user(user_id: int, body: UserPatch, session: Session) -> UserOut:
+async def update_user(user_id: int, body: UserPatch, session: SessionDep) -> UserOut:
     user = await get_user(session, user_id)
     for field, value in body.model_dump(exclude_unset=True).items():
         setattr(user, field, value)
@@ -162,7 +162,7 @@ async def update_user(user_id: int, body: UserPatch, session: Session) -> UserOu
 
 
 @app.delete("/users/{user_id}", status_code=204)
-async def delete_user(user_id: int, session: Session) -> None:
+async def delete_user(user_id: int, session: SessionDep) -> None:
     await session.delete(await get_user(session, user_id))
 
 
