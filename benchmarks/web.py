@@ -35,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -199,12 +199,76 @@ async def _run(client: aiohttp.ClientSession, port: int, requests: int, concurre
     return requests / (time.perf_counter() - start)
 
 
+async def _asgi_run(app: Any, requests: int) -> float:
+    """Microseconds per request calling ``app`` directly as ASGI, one request at a time."""
+    received = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def receive() -> dict[str, Any]:
+        return received
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200, message
+
+    start = time.perf_counter()
+    for n in range(requests):
+        path = f"/items/{n % ROWS + 1}"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"127.0.0.1")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+        }
+        await app(scope, receive, send)
+    return (time.perf_counter() - start) / requests * 1e6
+
+
+async def measure_asgi(
+    backend: str, url: str, *, requests: int, repeats: int
+) -> dict[str, list[float]]:
+    """The three apps called in this process as ASGI apps: no server, no HTTP, no client.
+
+    What is left is the handler's path to the database and back, one request at a time:
+    the difference between the middleware's figure and by hand's is the middleware's cost
+    per request, without the noise of a server, a client and a loaded machine's scheduler.
+    """
+    engine = asyncorm.create_engine(url, pool_size=POOL_SIZE, max_overflow=0)
+    raw: RawDB
+    if backend == "sqlite":
+        raw = await AiosqliteRaw.open(Path(url.removeprefix("sqlite:///")))
+    else:
+        raw = await AsyncpgRaw.open(url)
+    micros: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    try:
+        apps = _apps(engine, raw)
+        for name in CONTENDERS:
+            await _asgi_run(apps[name], max(requests // 4, 1))
+        for repeat in range(repeats):
+            shift = repeat % len(CONTENDERS)
+            for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
+                micros[name].append(await _asgi_run(apps[name], requests))
+    finally:
+        await raw.close()
+        await engine.dispose()
+    return micros
+
+
 @dataclass(frozen=True)
 class Figures:
-    """One backend's measurements: requests per second per contender, one per repeat."""
+    """One backend's measurements: requests per second per contender, one per repeat; and
+    microseconds per request of the same apps called in-process (:func:`measure_asgi`)."""
 
     backend: str
     rps: dict[str, list[float]]
+    micros: dict[str, list[float]]
 
     def median(self, contender: str) -> float:
         return statistics.median(self.rps[contender])
@@ -249,9 +313,10 @@ async def measure(
                     for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
                         rate = await _run(client, ports[name], requests, concurrency)
                         rps[name].append(rate)
+        micros = await measure_asgi(backend, url, requests=requests, repeats=repeats)
     finally:
         await _drop(url)
-    return Figures(backend, rps)
+    return Figures(backend, rps, micros)
 
 
 def render(figures: Figures) -> str:
@@ -270,6 +335,23 @@ def render(figures: Figures) -> str:
         f"(target: >= 0.97x, the middleware costing under 3%)",
         f"- by hand / raw: {figures.ratio(BY_HAND, RAW):.3f}x",
         f"- middleware / raw: {figures.ratio(MIDDLEWARE, RAW):.3f}x",
+        "",
+        "The same apps called in-process as ASGI (no server, no HTTP), one request at a time:",
+        "",
+        "| contender | us/request (median) | repeats (us) |",
+        "|---|---:|---|",
+    ]
+    for name in CONTENDERS:
+        each = ", ".join(f"{m:,.0f}" for m in figures.micros[name])
+        lines.append(f"| {name} | {statistics.median(figures.micros[name]):,.0f} | {each} |")
+    added = statistics.median(
+        m - h for m, h in zip(figures.micros[MIDDLEWARE], figures.micros[BY_HAND], strict=True)
+    )
+    share = added / statistics.median(figures.micros[BY_HAND])
+    lines += [
+        "",
+        f"- the middleware adds {added:,.1f} us per request ({share:+.1%} of by hand's "
+        f"request; median of the per-repeat differences)",
     ]
     return "\n".join(lines)
 
