@@ -21,8 +21,13 @@ keep-alive connections, ``--concurrency`` requests in flight) and speaks real HT
 Each repeat measures every app once, in an order that rotates between repeats, so that load
 from elsewhere on the machine lands on all of them alike; the report gives the median
 requests per second and the median of the per-repeat ratios (middleware / by hand, by hand /
-raw). Pools: 20 connections for every contender, opened before any timing. Nothing here
-asserts a timing; ``tests/test_web_bench.py`` runs ``--quick``.
+raw). Pools: 20 connections for every contender, opened before any timing.
+
+Then the same three apps are called in this process as plain ASGI apps, one request at a
+time, with no server and no HTTP (:func:`measure_asgi`): microseconds per request, whose
+difference between the middleware and by hand is the middleware's own cost, free of the
+server's, the client's and a loaded machine's scheduling noise. Nothing here asserts a
+timing; ``tests/test_web_bench.py`` runs ``--quick``.
 """
 
 from __future__ import annotations
@@ -49,12 +54,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 import asyncorm
 from asyncorm import redact_url
 from benchmarks._bench import AiosqliteRaw, AsyncpgRaw, RawDB
-from benchmarks._core import POOL_SIZE
 
 __all__ = ["CONTENDERS", "Figures", "main", "measure"]
 
 MIDDLEWARE, BY_HAND, RAW = "middleware", "by hand", "raw"
 CONTENDERS = (MIDDLEWARE, BY_HAND, RAW)
+NO_IO = {MIDDLEWARE: "middleware, no IO", BY_HAND: "by hand, no IO"}
+"""The in-process pair whose handlers take a session and never use it: the fixed costs."""
+POOL = 16
+"""Connections per contender's pool: one per request in flight (``--concurrency``'s default)."""
 ROWS = 1_000
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test_b"
 SELECT_ONE = "SELECT id, name, value FROM bench_web_items WHERE id = ?"
@@ -106,30 +114,44 @@ def _apps(engine: Any, raw: RawDB) -> dict[str, Any]:
         item_id, name, value = rows[0]
         return JSONResponse({"id": item_id, "name": name, "value": value})
 
+    async def middleware_no_io(request: Request) -> JSONResponse:
+        db()  # the request's session, never used: no connection, no SQL
+        return JSONResponse({"id": request.path_params["item_id"]})
+
+    async def by_hand_no_io(request: Request) -> JSONResponse:
+        async with Session():
+            pass
+        return JSONResponse({"id": request.path_params["item_id"]})
+
     def app(handler: Callable[[Request], Awaitable[JSONResponse]], **kw: Any) -> Starlette:
         return Starlette(routes=[Route("/items/{item_id:int}", handler)], **kw)
 
+    middleware = [Middleware(SessionMiddleware, registry=db)]
     return {
-        MIDDLEWARE: app(with_middleware, middleware=[Middleware(SessionMiddleware, registry=db)]),
+        MIDDLEWARE: app(with_middleware, middleware=middleware),
         BY_HAND: app(by_hand),
         RAW: app(raw_driver),
+        NO_IO[MIDDLEWARE]: app(middleware_no_io, middleware=middleware),
+        NO_IO[BY_HAND]: app(by_hand_no_io),
     }
 
 
 async def _serve(backend: str, url: str, pipe: Connection) -> None:
     import uvicorn
 
-    engine = asyncorm.create_engine(url, pool_size=POOL_SIZE, max_overflow=0)
+    engine = asyncorm.create_engine(url, pool_size=POOL, max_overflow=0)
     raw: RawDB
     if backend == "sqlite":
         raw = await AiosqliteRaw.open(Path(url.removeprefix("sqlite:///")))
     else:
         raw = await AsyncpgRaw.open(url)
     async with AsyncExitStack() as warm:  # open every pooled connection now
-        for _ in range(POOL_SIZE):
+        for _ in range(POOL):
             await warm.enter_async_context(engine.connect())
     servers, ports = [], {}
-    for name, app in _apps(engine, raw).items():
+    apps = _apps(engine, raw)
+    for name in CONTENDERS:
+        app = apps[name]
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", access_log=False
         )
@@ -240,20 +262,21 @@ async def measure_asgi(
     the difference between the middleware's figure and by hand's is the middleware's cost
     per request, without the noise of a server, a client and a loaded machine's scheduler.
     """
-    engine = asyncorm.create_engine(url, pool_size=POOL_SIZE, max_overflow=0)
+    engine = asyncorm.create_engine(url, pool_size=POOL, max_overflow=0)
     raw: RawDB
     if backend == "sqlite":
         raw = await AiosqliteRaw.open(Path(url.removeprefix("sqlite:///")))
     else:
         raw = await AsyncpgRaw.open(url)
-    micros: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    names = (*CONTENDERS, *NO_IO.values())
+    micros: dict[str, list[float]] = {name: [] for name in names}
     try:
         apps = _apps(engine, raw)
-        for name in CONTENDERS:
+        for name in names:
             await _asgi_run(apps[name], max(requests // 4, 1))
         for repeat in range(repeats):
-            shift = repeat % len(CONTENDERS)
-            for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
                 micros[name].append(await _asgi_run(apps[name], requests))
     finally:
         await raw.close()
@@ -272,6 +295,11 @@ class Figures:
 
     def median(self, contender: str) -> float:
         return statistics.median(self.rps[contender])
+
+    def added(self, top: str, bottom: str) -> float:
+        """Median over the repeats of ``top``'s microseconds - ``bottom``'s, in-process."""
+        pairs = zip(self.micros[top], self.micros[bottom], strict=True)
+        return statistics.median(a - b for a, b in pairs)
 
     def ratio(self, top: str, bottom: str) -> float:
         """Median over the repeats of ``top``'s rate / ``bottom``'s rate in the same repeat."""
@@ -341,17 +369,20 @@ def render(figures: Figures) -> str:
         "| contender | us/request (median) | repeats (us) |",
         "|---|---:|---|",
     ]
-    for name in CONTENDERS:
+    for name in figures.micros:
         each = ", ".join(f"{m:,.0f}" for m in figures.micros[name])
         lines.append(f"| {name} | {statistics.median(figures.micros[name]):,.0f} | {each} |")
-    added = statistics.median(
-        m - h for m, h in zip(figures.micros[MIDDLEWARE], figures.micros[BY_HAND], strict=True)
-    )
-    share = added / statistics.median(figures.micros[BY_HAND])
+    by_hand = statistics.median(figures.micros[BY_HAND])
+    added = figures.added(MIDDLEWARE, BY_HAND)
+    fixed = figures.added(NO_IO[MIDDLEWARE], NO_IO[BY_HAND])
     lines += [
         "",
-        f"- the middleware adds {added:,.1f} us per request ({share:+.1%} of by hand's "
-        f"request; median of the per-repeat differences)",
+        f"- with the query: the middleware adds {added:,.1f} us per request "
+        f"({added / by_hand:+.1%} of by hand's request)",
+        f"- no IO: the middleware's fixed cost over a session by hand is {fixed:,.1f} us per "
+        f"request ({fixed / by_hand:+.1%} of by hand's request with its query)",
+        "",
+        "(differences: the median of the per-repeat differences)",
     ]
     return "\n".join(lines)
 

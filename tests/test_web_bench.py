@@ -1,7 +1,8 @@
 """Smoke test of the web benchmark (benchmarks/web.py): it serves, measures and reports.
 
 ``--quick`` on each backend: three apps under uvicorn in a child process, a real HTTP client
-here. No timing is asserted, only that every contender was measured and the ratios printed.
+here, then the same apps called in-process as ASGI. No timing is asserted, only that every
+contender was measured and the ratios printed.
 """
 
 from __future__ import annotations
@@ -29,3 +30,6 @@ def test_quick_run_measures_every_contender(
         assert float(row.split("|")[2].replace(",", "")) > 0, row
     assert "- middleware / by hand: " in out
     assert "- by hand / raw: " in out
+    assert "| contender | us/request (median) | repeats (us) |" in out
+    assert "- with the query: the middleware adds " in out
+    assert "- no IO: the middleware's fixed cost over a session by hand is " in out
