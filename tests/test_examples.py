@@ -11,7 +11,11 @@ import pytest
 
 from tests.conftest import Backend
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+EXAMPLES = sorted(
+    path
+    for path in (Path(__file__).parent.parent / "examples").glob("*.py")
+    if not path.name.endswith("_app.py")  # web apps: served by tests/test_example_apps.py
+)
 
 # what each example must print, proving it did its work rather than merely exiting 0
 EXPECTED = {
