@@ -145,6 +145,8 @@ class SessionMiddleware:
         # the scope of the whole call: the (lazy) session of background work after the
         # response; the request's scope is nested in it and ends with the response
         self._call = registry.scoped(self._serve)
+        # the tasks serving a request or websocket now: lifespan shutdown waits for them
+        self._serving: set[asyncio.Task[Any]] = set()
 
     def _kwargs_for(self, scope: Scope) -> dict[str, Any]:
         kwargs = dict(self.session_kwargs or {})
@@ -158,10 +160,41 @@ class SessionMiddleware:
         return kwargs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._wrap_lifespan_receive(receive), send)
+            return
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        await self._call(scope, receive, send)
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
+        try:
+            await self._call(scope, receive, send)
+        finally:
+            self._serving.discard(task)
+
+    def _wrap_lifespan_receive(self, receive: Receive) -> Receive:
+        """Hold ``lifespan.shutdown`` back until the requests in flight have ended.
+
+        A server whose graceful-shutdown timeout ran out (uvicorn's
+        ``timeout_graceful_shutdown``) cancels the requests still running and sends
+        ``lifespan.shutdown`` at once; the app's shutdown would then dispose of the engine
+        while those requests are still rolling back, and their connections would go back
+        to a disposed pool and never be closed. So the app sees the message only once every
+        request task of this middleware has ended and the registry's closes are done.
+        """
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                loop = asyncio.get_running_loop()
+                while pending := [t for t in self._serving if t.get_loop() is loop]:
+                    await asyncio.wait(pending)
+                await self.registry.wait_closed()
+            return message
+
+        return lifespan_receive
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = _RequestScope(self.registry, self.registry.scope(**self._kwargs_for(scope)))
