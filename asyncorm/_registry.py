@@ -363,6 +363,8 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
         frame = scope.frame
         if frame is None:
             session, tracker = scope.session, scope.tracker
+            if session is None or tracker is None:
+                return  # not the registry's to close (the pytest plugin's test session)
             self._contextvar.set(None)
         else:
             session, tracker = frame._session, frame._tracker
