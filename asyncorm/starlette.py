@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, MutableMapping
 from typing import Any, Final, Literal
 
 from ._errors import ScopeError, UncommittedTaskWorkError
@@ -306,6 +306,8 @@ async def _settle(plan: list[_RequestScope], status: int) -> None:
     lost = [child for request in plan for child in request.unsaved_children()]
     if lost:
         raise UncommittedTaskWorkError(_lost_work_message(lost))
+    for request in plan:
+        request.probe_disconnect()
     if status >= 400 or any(request.disconnected for request in plan):
         for session in sessions:
             await session.rollback()
@@ -339,12 +341,18 @@ def _lost_work_message(lost: list[tuple[asyncio.Task[Any], tuple[str, int, str]]
 class _RequestScope:
     """The request's scope, entered by hand: it may end before the ASGI call does."""
 
-    __slots__ = ("_context", "_owner", "_registry", "closed", "disconnected")
+    __slots__ = (
+        "_body_read", "_context", "_owner", "_receive", "_registry", "_replay", "closed",
+        "disconnected",
+    )
 
     def __init__(self, registry: async_scoped_session[Any], context: _ScopeContext[Any]) -> None:
         self._registry = registry
         self._context = context
         self._owner = asyncio.current_task()
+        self._receive: Receive | None = None
+        self._body_read = False  # the app has received the request's last body message
+        self._replay: Message | None = None  # a message probe_disconnect() received
         self.closed = False
         self.disconnected = False
 
@@ -363,13 +371,45 @@ class _RequestScope:
         return self._context.unsaved_children()
 
     def wrap_receive(self, receive: Receive) -> Receive:
+        self._receive = receive
+
         async def receive_wrapper() -> Message:
-            message = await receive()
+            if self._replay is not None:
+                message, self._replay = self._replay, None
+            else:
+                message = await receive()
             if message["type"] == "http.disconnect":
                 self.disconnected = True
+            elif message["type"] == "http.request" and not message.get("more_body", False):
+                self._body_read = True
             return message
 
         return receive_wrapper
+
+    def probe_disconnect(self) -> None:
+        """Learn, without waiting, whether the client has gone: before an auto-commit.
+
+        Servers that do not cancel the app on a disconnect (uvicorn) tell it only through
+        ``receive()``, which a handler that has read its body no longer calls; the
+        middleware would then commit the work of a request whose client left. Once the
+        body has been read, the next message can only be ``http.disconnect``: ``receive()``
+        is started and given one step. A server that knows the client left answers at once
+        (uvicorn does); otherwise the call suspends and is closed unfinished, having taken
+        no message. A message taken is given to the app at its next ``receive()``.
+        """
+        if self.disconnected or not self._body_read or self._receive is None:
+            return
+        call = self._receive()
+        if not isinstance(call, Coroutine):
+            return
+        try:
+            call.send(None)
+        except StopIteration as done:
+            message: Message = done.value
+            self._replay = message
+            self.disconnected = message["type"] == "http.disconnect"
+            return
+        call.close()  # suspended: nothing received, the client is (still) there
 
     async def finish(self) -> None:
         """The response is complete: end the request's unit of work now."""

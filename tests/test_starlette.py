@@ -195,6 +195,78 @@ async def test_client_disconnect_mid_request_rolls_back_and_returns_the_connecti
     assert await names(db.session_factory) == []
 
 
+def noticing_protocol(http: str, lost: asyncio.Event) -> type[asyncio.Protocol]:
+    """uvicorn's ``http`` protocol class, setting ``lost`` when a client connection is lost."""
+    base: type[Any]
+    if http == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    else:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+
+    class Noticing(base):  # type: ignore[misc]
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            lost.set()
+
+    return Noticing
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+async def test_auto_commit_skipped_for_a_client_that_left_while_the_handler_worked(
+    db: Registry, engine: AsyncEngine, http: str
+) -> None:
+    """uvicorn does not cancel a handler whose client left, and a handler that has read its
+    body never hears of it: the middleware asks before committing, and rolls back."""
+    written, release, lost = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        name = (await request.body()).decode()  # the whole body: receive() is not called again
+        db.add(User(name=name))
+        await db.flush()
+        written.set()
+        await release.wait()  # the client leaves meanwhile; nothing tells the handler
+        return PlainTextResponse("created", status_code=201)
+
+    app = Finished(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[Middleware(SessionMiddleware, registry=db, commit="auto")],
+        )
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, lifespan="off", log_level="critical", http=noticing_protocol(http, lost)
+        )
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=url) as client:
+            request = asyncio.create_task(client.post("/", content=b"left"))
+            async with asyncio.timeout(10):
+                await written.wait()
+            request.cancel()  # the client closes the connection
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            async with asyncio.timeout(10):
+                await lost.wait()  # the server has seen the connection go
+            release.set()
+            async with asyncio.timeout(10):
+                await app.done.wait()
+            # the control: a client that stays gets its row committed
+            assert (await client.post("/", content=b"stayed")).status_code == 201
+    finally:
+        release.set()
+        server.should_exit = True
+        await serving
+        sock.close()
+    await db.wait_closed()
+    assert await names(db.session_factory) == ["stayed"]
+
+
 @pytest.mark.parametrize("commit", [None, "auto"])
 async def test_request_task_cancelled_by_the_server_rolls_back_and_returns_the_connection(
     db: Registry, engine: AsyncEngine, commit: Any
