@@ -156,3 +156,34 @@ def test_a_difference_inside_the_noise_is_marked() -> None:
     assert cell([9.0, 10.0, 11.0], [10.5, 12.0, 13.0]) == "0.83x ~"  # overlapping repeats
     assert cell([9.0, 10.0, 10.4], [10.5, 12.0, 13.0]) == "0.83x"  # slower in every repeat
     assert cell([20.0, 21.0, 22.0], [10.0, 11.0, 12.0]) == "1.91x"
+
+
+def test_the_profiler_sorts_functions_into_layers() -> None:
+    """``python -m benchmarks.profile`` charges each function's self time to its layer."""
+    from benchmarks.profile import Profile, layer_of, render
+
+    site = "/venv/lib/python3.11/site-packages"
+    assert layer_of(f"{site}/sqlalchemy/pool/base.py", "_checkout") == (
+        "SA pool checkout and checkin"
+    )
+    assert layer_of(f"{site}/sqlalchemy/orm/session.py", "__init__") == (
+        "SA session: construction, transaction, close"
+    )
+    assert layer_of(f"{site}/sqlalchemy/orm/loading.py", "instances") == (
+        "SA ORM statement and loading"
+    )
+    assert layer_of("/repo/asyncorm/_session.py", "get") == "asyncorm: session layer"
+    assert layer_of("/repo/asyncorm/_aiosqlite.py", "_run") == (
+        "asyncorm: dialect and adapter hooks"
+    )
+    assert layer_of("~", "<method 'switch' of 'greenlet.greenlet' objects>") == (
+        "greenlet bridge and SA asyncio layer"
+    )
+    assert layer_of(f"{site}/tortoise/models.py", "get") == "Tortoise ORM"
+    shares = {"asyncorm: session layer": 0.25, "SA events": 0.75}
+    table = render(
+        [Profile(ASYNCORM, "W1 request read, 1 task", 400.0, 500.0, shares, [])], "sqlite"
+    )
+    assert "| event-loop thread CPU per operation | 400 us |" in table
+    assert "| asyncorm: session layer | 25% |" in table
+    assert "| SA events | 75% |" in table
