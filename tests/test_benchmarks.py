@@ -23,6 +23,7 @@ from tests.conftest import postgres_url
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(360)  # every workload, seven contenders: ~1 min alone, more on a busy machine
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_quick_run_writes_the_table(
     backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
