@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,16 +32,27 @@ from sqlalchemy.pool import NullPool
 import asyncorm
 from benchmarks._core import (
     ASYNCORM,
-    POOL_SIZE,
+    LABELS,
+    PEERS,
+    PICCOLO,
     POSTGRESQL,
     RAW,
+    RAW_NO_RESET,
     SQLALCHEMY,
     SQLITE,
     Sizes,
 )
+from benchmarks._peers import Peer, missing_peer, open_peer
 from benchmarks._schema import Account, Base, Item, item_row
 
-__all__ = ["Bench", "RawConnection", "RawDB", "open_bench", "postgres_problem"]
+__all__ = [
+    "Bench",
+    "RawConnection",
+    "RawDB",
+    "free_slots",
+    "open_bench",
+    "postgres_problem",
+]
 
 SessionFactory = sa_async_sessionmaker[Any]
 
@@ -76,15 +88,49 @@ class RawDB(Protocol):
     async def close(self) -> None: ...
 
 
-class AsyncpgRaw:
-    """asyncpg's own pool with its defaults (it resets a connection when it is released)."""
+class _ResetSwitch:
+    """Whether the shared asyncpg pool resets a connection on release: set by the contender
+    checking it out (the raw contenders never run at the same time)."""
 
-    def __init__(self, pool: Any) -> None:
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = True
+
+    async def reset(self, conn: Any) -> None:
+        """asyncpg's own reset, when on: ``Pool`` has already run ``conn._reset()`` (listeners
+        cleared, an open transaction rolled back), as ``Connection.reset()`` does before
+        sending ``get_reset_query()``; when off nothing is sent, as asyncorm sends nothing."""
+        if self.on:
+            query = conn.get_reset_query()
+            if query:
+                await conn.execute(query)
+
+
+class AsyncpgRaw:
+    """An asyncpg pool, with asyncpg's reset on release (the default) or without it.
+
+    Both raw contenders share one pool of ``Sizes.pool`` connections (a server's connection
+    slots are the scarce resource once Tortoise and Piccolo have pools too), through
+    ``create_pool(reset=...)``, asyncpg's documented hook: with the reset on, a release does
+    exactly what asyncpg's default ``Connection.reset()`` does (one round trip: advisory
+    unlock, ``CLOSE ALL``, ``UNLISTEN *``, ``RESET ALL``); with it off, it sends nothing.
+    """
+
+    def __init__(self, pool: Any, switch: _ResetSwitch, *, resets: bool) -> None:
         self._pool = pool
+        self._switch = switch
+        self._resets = resets
 
     @classmethod
-    async def open(cls, url: str) -> AsyncpgRaw:
-        return cls(await asyncpg.create_pool(url, min_size=POOL_SIZE, max_size=POOL_SIZE))
+    async def open(cls, url: str, size: int) -> AsyncpgRaw:
+        switch = _ResetSwitch()
+        pool = await asyncpg.create_pool(url, min_size=size, max_size=size, reset=switch.reset)
+        return cls(pool, switch, resets=True)
+
+    def without_reset(self) -> AsyncpgRaw:
+        """The same pool, its connections released without the reset query."""
+        return AsyncpgRaw(self._pool, self._switch, resets=False)
 
     def sql(self, text: str) -> str:
         parts = text.split("?")
@@ -94,16 +140,19 @@ class AsyncpgRaw:
         return "".join(out)
 
     def connection(self) -> AbstractAsyncContextManager[RawConnection]:
+        self._switch.on = self._resets
         acquire: AbstractAsyncContextManager[RawConnection] = self._pool.acquire()
         return acquire
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[RawConnection]:
+        self._switch.on = self._resets
         async with self._pool.acquire() as conn, conn.transaction():
             yield conn
 
     async def close(self) -> None:
-        await self._pool.close()
+        if self._resets:  # the pool's owner
+            await self._pool.close()
 
 
 class _AiosqliteConnection:
@@ -140,9 +189,9 @@ class AiosqliteRaw:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> AiosqliteRaw:
+    async def open(cls, path: Path, size: int) -> AiosqliteRaw:
         conns = []
-        for _ in range(POOL_SIZE):
+        for _ in range(size):
             conn = await aiosqlite.connect(path, isolation_level=None, timeout=30.0)
             for pragma in SQLITE_PRAGMAS:
                 await conn.execute(pragma)
@@ -190,11 +239,21 @@ class Bench:
     engines: dict[str, AsyncEngine]
     factories: dict[str, SessionFactory]
     sync_engine: sqlalchemy.Engine
+    raw_no_reset: RawDB | None = None
+    """PostgreSQL: the raw pool without asyncpg's reset on release (the physical limit)."""
+    peers: dict[str, Peer] = field(default_factory=dict)
+    """Tortoise and Piccolo, those installed and with room on the server."""
+    skipped: list[str] = field(default_factory=list)
+    """Why a contender is not measured on this backend, for the report."""
     sync_reference: sqlalchemy.Engine | None = None
     """A stock sync engine on the raw driver's rows: pysqlite on its SQLite file, psycopg on
     PostgreSQL (when installed). The sync Session on it is W1/W2's reference for what any
     async layer over SQLAlchemy's ORM can reach."""
     cleanup: list[Callable[[], Any]] = field(default_factory=list)
+
+    def raw_for(self, contender: str) -> RawDB | None:
+        """The raw contender's pool: with asyncpg's reset, or without (None on SQLite)."""
+        return self.raw_no_reset if contender == RAW_NO_RESET else self.raw
 
     def factory(self, contender: str) -> SessionFactory:
         """The session factory of an ORM contender (SQLAlchemy's or asyncorm's)."""
@@ -231,6 +290,8 @@ class Bench:
             return (await conn.exec_driver_sql(sql)).scalar_one()
 
     async def close(self) -> None:
+        for peer in self.peers.values():
+            await peer.close()
         await self.raw.close()
         for engine in self.engines.values():
             await engine.dispose()
@@ -290,10 +351,10 @@ async def _drop(sa_url: str) -> None:
         await engine.dispose()
 
 
-async def _warm(engine: AsyncEngine) -> None:
+async def _warm(engine: AsyncEngine, size: int) -> None:
     """Open every pooled connection now, so no timed operation pays for a connect."""
     async with AsyncExitStack() as stack:
-        for _ in range(POOL_SIZE):
+        for _ in range(size):
             await stack.enter_async_context(engine.connect())
 
 
@@ -310,14 +371,14 @@ def _sync_file_engine(path: Path) -> sqlalchemy.Engine:
     return engine
 
 
-def _sync_postgres_engine(postgres_url: str) -> sqlalchemy.Engine | None:
+def _sync_postgres_engine(postgres_url: str, size: int) -> sqlalchemy.Engine | None:
     """A stock sync engine through psycopg (the ``bench`` extra), or None without it."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
         return None
     url = make_url(postgres_url).set(drivername="postgresql+psycopg")
-    engine = sqlalchemy.create_engine(url, pool_size=POOL_SIZE, max_overflow=0)
+    engine = sqlalchemy.create_engine(url, pool_size=size, max_overflow=0)
     with engine.connect():
         pass
     return engine
@@ -331,28 +392,86 @@ def _sync_engine(sizes: Sizes) -> sqlalchemy.Engine:
     return engine
 
 
+async def free_slots(postgres_url: str) -> int:
+    """How many more connections the server at ``postgres_url`` accepts from a normal user."""
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        free: int = await conn.fetchval(
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int"
+            " - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+        )
+    finally:
+        await conn.close()
+    return free
+
+
+async def _open_peers(
+    backend: str, sizes: Sizes, postgres_url: str, paths: dict[str, Path], skipped: list[str]
+) -> dict[str, Peer]:
+    """Tortoise and Piccolo, each when installed and, on PostgreSQL, when its pool fits."""
+    peers: dict[str, Peer] = {}
+    for name in PEERS:
+        problem = missing_peer(name)
+        if problem is None and backend == POSTGRESQL:
+            free = await free_slots(postgres_url)
+            if free < sizes.pool + 1:
+                problem = (
+                    f"the server has {free} free connection slots, its pool needs "
+                    f"{sizes.pool}; raise max_connections (a full run with the peers needs "
+                    f"about {6 * sizes.pool + 10})"
+                )
+        if problem is None:
+            try:
+                peers[name] = await open_peer(
+                    name, backend, pool=sizes.pool, postgres_url=postgres_url,
+                    sqlite_path=paths.get(name, Path()),
+                )  # fmt: skip
+            except Exception as exc:
+                problem = f"could not open it ({type(exc).__name__}: {exc})"
+        if problem is not None:
+            skipped.append(f"{LABELS[name]} on {backend}: {problem}")
+    return peers
+
+
+def _wal(path: Path) -> None:
+    """Switch the SQLite file at ``path`` to WAL (stored in the file, so it persists)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
 async def open_bench(backend: str, sizes: Sizes, *, postgres_url: str, workdir: Path) -> Bench:
-    """Load the data and open the three contenders' pools for ``backend``, all warm.
+    """Load the data and open every contender's pool for ``backend``, all warm.
 
     If anything fails (a PostgreSQL server out of connection slots, say), what was opened
-    is closed again before the error propagates.
+    is closed again before the error propagates. A peer (Tortoise, Piccolo) that is not
+    installed, or does not fit in the server's connection slots, is left out and the reason
+    recorded in ``Bench.skipped``.
     """
-    engine_args: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": 0}
+    engine_args: dict[str, Any] = {"pool_size": sizes.pool, "max_overflow": 0}
     cleanup: list[Callable[[], Any]] = []
     opened: list[Callable[[], Awaitable[None]]] = []
     sync_reference: sqlalchemy.Engine | None = None
+    raw_no_reset: RawDB | None = None
+    skipped: list[str] = []
     try:
         if backend == SQLITE:
-            paths = {c: workdir / f"{c}.db" for c in (RAW, SQLALCHEMY, ASYNCORM)}
+            names = (RAW, SQLALCHEMY, ASYNCORM, *(p for p in PEERS if missing_peer(p) is None))
+            paths = {c: workdir / f"{c}.db" for c in names}
             for path in paths.values():
                 await _load(f"sqlite+aiosqlite:///{path}", sizes)
-            raw: RawDB = await AiosqliteRaw.open(paths[RAW])
+            if PICCOLO in paths:
+                # Piccolo opens a connection per query, so no per-connection pragma can be
+                # set; WAL is stored in the file (Tortoise's own default is WAL too)
+                _wal(paths[PICCOLO])
+            raw: RawDB = await AiosqliteRaw.open(paths[RAW], sizes.pool)
             opened.append(raw.close)
             sa_url = f"sqlite+aiosqlite:///{paths[SQLALCHEMY]}"
             sa_engine = create_async_engine(sa_url, **engine_args)
             orm_engine = asyncorm.create_engine(f"sqlite:///{paths[ASYNCORM]}", **engine_args)
             sync_reference = _sync_file_engine(paths[RAW])
         else:
+            paths = {}
             sa_text = (
                 make_url(postgres_url)
                 .set(drivername="postgresql+asyncpg")
@@ -361,15 +480,17 @@ async def open_bench(backend: str, sizes: Sizes, *, postgres_url: str, workdir: 
             await _load(sa_text, sizes)
             cleanup.append(lambda: _drop(sa_text))
             opened.append(lambda: _drop(sa_text))
-            raw = await AsyncpgRaw.open(postgres_url)
+            pg_raw = await AsyncpgRaw.open(postgres_url, sizes.pool)
+            raw, raw_no_reset = pg_raw, pg_raw.without_reset()
             opened.append(raw.close)
             sa_engine = create_async_engine(sa_text, **engine_args)
             orm_engine = asyncorm.create_engine(postgres_url, **engine_args)
-            sync_reference = _sync_postgres_engine(sa_text)
+            sync_reference = _sync_postgres_engine(sa_text, sizes.pool)
         engines = {SQLALCHEMY: sa_engine, ASYNCORM: orm_engine}
         opened += [sa_engine.dispose, orm_engine.dispose]
         for engine in engines.values():
-            await _warm(engine)
+            await _warm(engine, sizes.pool)
+        peers = await _open_peers(backend, sizes, postgres_url, paths, skipped)
     except BaseException:
         if sync_reference is not None:
             sync_reference.dispose()
@@ -388,6 +509,9 @@ async def open_bench(backend: str, sizes: Sizes, *, postgres_url: str, workdir: 
         engines=engines,
         factories=factories,
         sync_engine=_sync_engine(sizes),
+        raw_no_reset=raw_no_reset,
+        peers=peers,
+        skipped=skipped,
         sync_reference=sync_reference,
         cleanup=cleanup,
     )

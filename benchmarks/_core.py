@@ -18,14 +18,18 @@ __all__ = [
     "FULL",
     "LABELS",
     "ORM_CONTENDERS",
+    "PEERS",
+    "PICCOLO",
     "POOL_SIZE",
     "POSTGRESQL",
     "QUICK",
     "RAW",
+    "RAW_NO_RESET",
     "SQLALCHEMY",
     "SQLITE",
     "STANDARD",
     "SYNC",
+    "TORTOISE",
     "Case",
     "Counters",
     "OpErrors",
@@ -44,18 +48,39 @@ ASYNCORM = "asyncorm"
 """``asyncorm.create_engine`` + ``asyncorm.async_sessionmaker``."""
 SYNC = "sync"
 """SQLAlchemy's sync ``Session`` on a sync SQLite engine: W5's baseline."""
+RAW_NO_RESET = "raw_no_reset"
+"""PostgreSQL only: asyncpg's pool without its reset on release (``Pool(reset=...)`` with a
+reset that sends nothing): the driver's physical limit. asyncorm sends no reset either."""
+TORTOISE = "tortoise"
+"""Tortoise ORM (optional, the ``bench`` extra): its asyncpg backend with a pool of 20, or its
+aiosqlite backend, used as its documentation shows (``Model.get``, ``in_transaction``)."""
+PICCOLO = "piccolo"
+"""Piccolo (optional, the ``bench`` extra): ``PostgresEngine`` with a connection pool of 20,
+or ``SQLiteEngine``, used as its documentation shows (``objects().get``, ``transaction``)."""
 
 STANDARD = (RAW, SQLALCHEMY, ASYNCORM)
 ORM_CONTENDERS = (SQLALCHEMY, ASYNCORM)
-LABELS = {RAW: "raw driver", SQLALCHEMY: "SQLAlchemy", ASYNCORM: "asyncorm", SYNC: "sync Session"}
+PEERS = (TORTOISE, PICCOLO)
+"""The async ORMs a user could pick instead of asyncorm (issue 13): W1, W2 and W4 objects."""
+LABELS = {
+    RAW: "raw driver",
+    RAW_NO_RESET: "raw, no pool reset",
+    SQLALCHEMY: "SQLAlchemy",
+    ASYNCORM: "asyncorm",
+    SYNC: "sync Session",
+    TORTOISE: "Tortoise",
+    PICCOLO: "Piccolo",
+}
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
 BACKENDS = (SQLITE, POSTGRESQL)
 
 POOL_SIZE = 20
-"""Connections per contender, opened before any timing (``pool_size=20, max_overflow=0``
-for both engines, ``min_size=max_size=20`` for asyncpg's pool)."""
+"""Connections per contender in a full run, opened before any timing (``pool_size=20,
+max_overflow=0`` for both engines, ``min_size=max_size=20`` for the asyncpg pools of raw,
+Tortoise and Piccolo). ``--quick`` uses :attr:`Sizes.pool` = 4 so that a smoke run fits
+a server's default 100 connections beside other users."""
 
 Counters = dict[str, int]
 """What a trial counted besides time: errors, a final sum, ..."""
@@ -85,6 +110,9 @@ class Sizes:
     """Timed repeats per contender; the table shows the median."""
     short_repeats: int
     """Repeats for the cases whose single run is short (W4, W5), where noise weighs more."""
+    pool: int = POOL_SIZE
+    """Connections per contender's pool (W1/W2 still run 20 tasks: with a smaller pool they
+    queue for connections)."""
 
 
 FULL = Sizes(
@@ -93,7 +121,7 @@ FULL = Sizes(
 )  # fmt: skip
 QUICK = Sizes(
     items=200, requests=20, writes=10, bulk=200, hits=200,
-    transfers=20, accounts=10, think_requests=20, repeats=1, short_repeats=1,
+    transfers=20, accounts=10, think_requests=20, repeats=1, short_repeats=1, pool=4,
 )  # fmt: skip
 
 

@@ -15,10 +15,13 @@ from typing import Any
 from benchmarks._core import (
     ASYNCORM,
     LABELS,
+    PICCOLO,
     POSTGRESQL,
+    RAW_NO_RESET,
     SQLALCHEMY,
     SQLITE,
     SYNC,
+    TORTOISE,
     Case,
     Result,
     Sizes,
@@ -78,6 +81,8 @@ def machine_info(postgres_version: str | None, command: str) -> list[tuple[str, 
         ("aiosqlite", _version("aiosqlite")),
         ("psycopg (sync reference)", _version("psycopg")),
         ("SQLite library", sqlite3.sqlite_version),
+        ("Tortoise ORM", _version("tortoise-orm")),
+        ("Piccolo", _version("piccolo")),
         ("PostgreSQL server", postgres_version or "not measured"),
     ]
 
@@ -92,10 +97,12 @@ def _fmt_rate(value: float) -> str:
 
 
 def _contenders(results: Sequence[Result]) -> list[str]:
+    """The contenders with a result, in the order the cases list them."""
+    present = {result.contender for result in results}
     seen: list[str] = []
     for result in results:
         for contender in result.case.contenders:
-            if contender not in seen:
+            if contender in present and contender not in seen:
                 seen.append(contender)
     return seen
 
@@ -119,15 +126,20 @@ def ratios(results: Sequence[Result]) -> dict[tuple[str, str], float]:
     return out
 
 
-def _vs_sqlalchemy(results: Sequence[Result]) -> dict[str, float]:
-    """case name -> asyncorm's median ops/s divided by plain SQLAlchemy's."""
+def _vs(results: Sequence[Result], other: str = SQLALCHEMY) -> dict[str, float]:
+    """case name -> asyncorm's median ops/s divided by ``other``'s (plain SQLAlchemy's)."""
     by_key = {(r.case.name, r.contender): r for r in results}
     out: dict[str, float] = {}
     for case in _cases(results):
-        ours, theirs = by_key.get((case.name, ASYNCORM)), by_key.get((case.name, SQLALCHEMY))
+        ours, theirs = by_key.get((case.name, ASYNCORM)), by_key.get((case.name, other))
         if ours and theirs and ours.median and theirs.median:
             out[case.name] = ours.median / theirs.median
     return out
+
+
+_VS_COLUMNS = (TORTOISE, PICCOLO, RAW_NO_RESET)
+"""Contenders that get an "asyncorm / X" column of their own when they were measured: the
+peers (issue 13's targets are asyncorm >= each), and the raw driver without the pool reset."""
 
 
 def _within_spread(ours: Result | None, theirs: Result | None) -> bool:
@@ -135,6 +147,16 @@ def _within_spread(ours: Result | None, theirs: Result | None) -> bool:
     if ours is None or theirs is None or not ours.samples or not theirs.samples:
         return False
     return min(ours.samples) <= max(theirs.samples) and min(theirs.samples) <= max(ours.samples)
+
+
+def _vs_cell(
+    vs: dict[str, float], case: str, by_key: dict[tuple[str, str], Result], other: str
+) -> str:
+    """An "asyncorm / X" cell: the ratio, "~" when the repeats overlap, "-" when not measured."""
+    if case not in vs:
+        return "-"
+    noise = _within_spread(by_key.get((case, ASYNCORM)), by_key.get((case, other)))
+    return f"{vs[case]:.2f}x" + (" ~" if noise else "")
 
 
 def _counter_note(result: Result) -> str | None:
@@ -162,10 +184,14 @@ def render_backend(backend: str, results: Sequence[Result]) -> str:
     contenders = _contenders(results)
     by_key = {(r.case.name, r.contender): r for r in results}
     rel = ratios(results)
-    vs_sa = _vs_sqlalchemy(results)
+    vs_sa = _vs(results)
+    vs_others = {c: _vs(results, c) for c in _VS_COLUMNS if c in contenders}
+    vs_others = {c: v for c, v in vs_others.items() if v}
     header = ["workload", "unit/s", *(LABELS.get(c, c) for c in contenders)]
+    header += [f"asyncorm / {LABELS[c]}" for c in vs_others]
     header += ["asyncorm / SQLAlchemy", "target for asyncorm"]
-    align = ["---", "---", *("---:" for _ in contenders), "---:", "---"]
+    align = ["---", "---", *("---:" for _ in contenders), *("---:" for _ in vs_others)]
+    align += ["---:", "---"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     notes: list[str] = []
     for case in _cases(results):
@@ -186,13 +212,9 @@ def render_backend(backend: str, results: Sequence[Result]) -> str:
             note = _counter_note(result) if result is not None else None
             if note:
                 notes.append(f"{case.name}, {LABELS.get(contender, contender)}: {note}")
-        if case.name in vs_sa:
-            noise = _within_spread(
-                by_key.get((case.name, ASYNCORM)), by_key.get((case.name, SQLALCHEMY))
-            )
-            row.append(f"{vs_sa[case.name]:.2f}x" + (" ~" if noise else ""))
-        else:
-            row.append("-")
+        for other, vs_other in vs_others.items():
+            row.append(_vs_cell(vs_other, case.name, by_key, other))
+        row.append(_vs_cell(vs_sa, case.name, by_key, SQLALCHEMY))
         ours = rel.get((case.name, ASYNCORM))
         if case.target is None or ours is None:
             row.append("-")
@@ -205,6 +227,9 @@ def render_backend(backend: str, results: Sequence[Result]) -> str:
         values = [v for (_, c), v in rel.items() if c == contender]
         g = geomean(values)
         geo.append(f"**{g:.2f}x** ({len(values)})" if g is not None else "-")
+    for vs_other in vs_others.values():
+        g_other = geomean(list(vs_other.values()))
+        geo.append(f"**{g_other:.2f}x**" if g_other is not None else "-")
     g_sa = geomean(list(vs_sa.values()))
     geo += [f"**{g_sa:.2f}x**" if g_sa is not None else "-", ""]
     lines.append("| " + " | ".join(geo) + " |")
@@ -258,6 +283,10 @@ def write_results_md(
         '"asyncorm / SQLAlchemy" above 1.00x means asyncorm is faster than plain SQLAlchemy;',
         '"~" after it: the two contenders\' repeats overlap (slowest to fastest), so the',
         "difference is inside this run's noise.",
+        '"asyncorm / Tortoise", "asyncorm / Piccolo" and "asyncorm / raw, no pool reset" are',
+        "read the same way (issue 13): the peers as their documentation recommends, and the",
+        "asyncpg pool without its reset on release, the driver's physical limit (\"raw",
+        "driver\" is asyncpg's default pool, which resets each connection it takes back).",
         "The geomean row is the geometric mean of the ratios (number of cases in brackets).",
         "The sync Session column of W1/W2 is SQLAlchemy's ORM without asyncio (pysqlite,",
         "psycopg) on the same rows: a reference for what any async layer over it can reach.",
@@ -297,7 +326,14 @@ def write_chart(path: Path, results: Sequence[Result]) -> str | None:
     plt: Any = importlib.import_module("matplotlib.pyplot")
     backends = [b for b in (SQLITE, POSTGRESQL) if any(r.backend == b for r in results)]
     rel_all = {b: ratios([r for r in results if r.backend == b]) for b in backends}
-    colours = {SQLALCHEMY: "#8c8c8c", ASYNCORM: "#1f77b4", SYNC: "#ff7f0e"}
+    colours = {
+        SQLALCHEMY: "#8c8c8c",
+        ASYNCORM: "#1f77b4",
+        SYNC: "#ff7f0e",
+        RAW_NO_RESET: "#000000",
+        TORTOISE: "#2ca02c",
+        PICCOLO: "#9467bd",
+    }
     fig, axes = plt.subplots(
         1, len(backends), figsize=(7 * len(backends), 6.5), squeeze=False, sharex=True
     )

@@ -204,6 +204,9 @@ async def _run_backend(
             skipped.append(reason)
             progress.done += len(cases)
             return out
+        for reason in bench.skipped:
+            progress.say(f"Not measured: {reason}")
+            skipped.append(reason)
         try:
             for case in cases:
                 started = time.monotonic()

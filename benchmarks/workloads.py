@@ -25,7 +25,9 @@ from benchmarks._bench import Bench
 from benchmarks._core import (
     ASYNCORM,
     ORM_CONTENDERS,
+    PEERS,
     RAW,
+    RAW_NO_RESET,
     SQLALCHEMY,
     SQLITE,
     STANDARD,
@@ -42,7 +44,10 @@ __all__ = ["all_cases", "select_cases"]
 
 Op = Callable[[int], Awaitable[None]]
 
-_WITH_SYNC = (*STANDARD, SYNC)
+_WITH_PEERS = (*STANDARD, RAW_NO_RESET, *PEERS)
+"""W1, W2 and W4 objects also measure the raw driver without asyncpg's pool reset
+(PostgreSQL only) and the peers, Tortoise ORM and Piccolo (issue 13), when installed."""
+_WITH_SYNC = (*STANDARD, SYNC, RAW_NO_RESET, *PEERS)
 """W1/W2 with one task also measure the sync Session on the same rows (pysqlite on SQLite,
 psycopg on PostgreSQL): SQLAlchemy's ORM without asyncio, a reference for what any async
 layer over it can reach."""
@@ -80,6 +85,17 @@ def _w1(concurrency: int) -> Case:
                 with make_sync() as session:
                     session.get(Item, pks[i])
 
+        elif contender in PEERS:
+            peer = bench.peers.get(contender)
+            if peer is None:
+                return None
+            peer_get = peer.get
+
+            async def op(i: int) -> None:
+                await peer_get(pks[i])
+
+        elif contender == RAW_NO_RESET and bench.raw_no_reset is None:
+            return None
         else:
             op = _request(bench, contender, pks, think=0.0)
 
@@ -90,14 +106,15 @@ def _w1(concurrency: int) -> Case:
 
     if concurrency == 1:
         return Case("W1", "request read, 1 task", "sessions", build, _WITH_SYNC, target=0.5)
-    return Case("W1", f"request read, {concurrency} tasks", "sessions", build, target=0.5)
+    return Case("W1", f"request read, {concurrency} tasks", "sessions", build, _WITH_PEERS,
+                target=0.5)  # fmt: skip
 
 
 def _request(bench: Bench, contender: str, pks: list[int], *, think: float) -> Op:
     """W1's and W8's operation: a pooled connection (raw) or a new session, the read of one
     item by primary key, then ``think`` seconds of other awaited work (none when 0)."""
-    if contender == RAW:
-        raw = bench.raw
+    raw = bench.raw_for(contender)
+    if contender in (RAW, RAW_NO_RESET) and raw is not None:
         sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
 
         async def raw_op(i: int) -> None:
@@ -147,13 +164,25 @@ def _w2(concurrency: int) -> Case:
                     item.counter += 1
                     session.commit()
 
-        elif contender == RAW:
-            raw = bench.raw
+        elif contender in PEERS:
+            peer = bench.peers.get(contender)
+            if peer is None:
+                return None
+            peer_increment = peer.increment
+
+            async def op(i: int) -> None:
+                await peer_increment(pks[i])
+
+        elif contender in (RAW, RAW_NO_RESET):
+            raw = bench.raw_for(contender)
+            if raw is None:
+                return None
+            raw_db = raw
             select_sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items WHERE id = ?")
             update_sql = raw.sql("UPDATE bench_items SET counter = ? WHERE id = ?")
 
             async def op(i: int) -> None:
-                async with raw.transaction() as conn:
+                async with raw_db.transaction() as conn:
                     row = (await conn.fetch(select_sql, pks[i]))[0]
                     await conn.execute(update_sql, row[4] + 1, pks[i])
 
@@ -173,7 +202,8 @@ def _w2(concurrency: int) -> Case:
 
     if concurrency == 1:
         return Case("W2", "read-modify-write, 1 task", "txns", build, _WITH_SYNC, target=0.5)
-    return Case("W2", f"read-modify-write, {concurrency} tasks", "txns", build, target=0.5)
+    return Case("W2", f"read-modify-write, {concurrency} tasks", "txns", build, _WITH_PEERS,
+                target=0.5)  # fmt: skip
 
 
 # -- W3: bulk insert -------------------------------------------------------------------------
@@ -263,17 +293,26 @@ def _w4(shape: str) -> Case:
       ``(await (await session.connection()).execute(...)).all()``: the documented fast path
       for large column reads (same transaction, no per-row ORM work, no autoflush).
 
-    Raw: ``fetch``.
+    Raw: ``fetch``. The peers (objects only): Tortoise ``await Item.all()``, Piccolo
+    ``await Item.objects()``.
     """
 
-    def build(bench: Bench, contender: str) -> Trial:
+    def build(bench: Bench, contender: str) -> Trial | None:
         run: Callable[[], Awaitable[int]]
-        if contender == RAW:
-            raw = bench.raw
+        if contender in PEERS:
+            peer = bench.peers.get(contender)
+            if peer is None:
+                return None
+            run = peer.load_all
+        elif contender in (RAW, RAW_NO_RESET):
+            raw = bench.raw_for(contender)
+            if raw is None:
+                return None
+            raw_db = raw
             sql = raw.sql(f"SELECT {ITEM_COLUMNS} FROM bench_items")
 
             async def run() -> int:
-                async with raw.connection() as conn:
+                async with raw_db.connection() as conn:
                     return len(await conn.fetch(sql))
 
         else:
@@ -293,7 +332,7 @@ def _w4(shape: str) -> Case:
 
     if shape == _OBJECTS:
         # target: no slower than plain SQLAlchemy (see the "asyncorm/SQLAlchemy" column)
-        return Case("W4", "load as ORM objects", "rows", build, short=True)
+        return Case("W4", "load as ORM objects", "rows", build, _WITH_PEERS, short=True)
     if shape == _CORE_ROWS:
         return Case("W4", "load as rows, Core on the session", "rows", build, short=True)
     return Case("W4", "load as rows", "rows", build, target=0.5, short=True)

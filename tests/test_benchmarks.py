@@ -6,6 +6,7 @@ was measured for every contender and that the output files exist.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.conftest import postgres_url
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(360)  # every workload, seven contenders: ~1 min alone, more on a busy machine
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_quick_run_writes_the_table(
     backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -32,6 +34,7 @@ def test_quick_run_writes_the_table(
 
     assert main(args) == 0
 
+    _assert_peers_left_no_global_state()
     out = capsys.readouterr().out
     assert "| workload | unit/s | raw driver | SQLAlchemy | asyncorm |" in out
     results = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
@@ -65,6 +68,41 @@ def test_quick_run_writes_the_table(
         assert "W6 concurrent transfers, asyncorm: sum 1,000 (expected 1,000)" in results
     else:
         assert "W6" not in results
+        # the raw driver without asyncpg's pool reset, and asyncorm's ratio to it
+        assert "| raw, no pool reset |" in results
+        assert "| asyncorm / raw, no pool reset |" in results
+    _assert_peers_measured(results)
+
+
+def _assert_peers_measured(results: str) -> None:
+    """Tortoise ORM and Piccolo ran W1, W2 and W4 objects; asyncorm's ratio to each shows."""
+    if importlib.util.find_spec("tortoise") is None or importlib.util.find_spec("piccolo") is None:
+        return  # optional contenders (the bench extra)
+    assert "Skipped" not in results
+    header = next(line for line in results.splitlines() if line.startswith("| workload"))
+    columns = [cell.strip() for cell in header.split("|")]
+    assert {"Tortoise", "Piccolo", "asyncorm / Tortoise", "asyncorm / Piccolo"} <= set(columns)
+    tortoise, piccolo = columns.index("asyncorm / Tortoise"), columns.index("asyncorm / Piccolo")
+    for case in ("W1 request read, 1 task", "W2 read-modify-write, 20 tasks",
+                 "W4 load as ORM objects"):  # fmt: skip
+        row = next(line for line in results.splitlines() if line.startswith(f"| {case} |"))
+        cells = [cell.strip() for cell in row.split("|")]
+        assert cells[tortoise].endswith(("x", "x ~")), row
+        assert cells[piccolo].endswith(("x", "x ~")), row
+
+
+def _assert_peers_left_no_global_state() -> None:
+    """Tortoise's context and SQL cache, Piccolo's table registry: nothing left behind."""
+    if importlib.util.find_spec("tortoise") is not None:
+        from tortoise.backends.base.executor import EXECUTOR_CACHE
+        from tortoise.context import get_current_context
+
+        assert get_current_context() is None
+        assert not [key for key in EXECUTOR_CACHE if str(key[0]).startswith("bench_")]
+    if importlib.util.find_spec("piccolo") is not None:
+        from piccolo.table import TABLE_REGISTRY
+
+        assert not [t for t in TABLE_REGISTRY if t._meta.tablename.startswith("bench_")]
 
 
 def test_a_backend_that_cannot_open_is_skipped_with_its_reason(
@@ -119,3 +157,34 @@ def test_a_difference_inside_the_noise_is_marked() -> None:
     assert cell([9.0, 10.0, 11.0], [10.5, 12.0, 13.0]) == "0.83x ~"  # overlapping repeats
     assert cell([9.0, 10.0, 10.4], [10.5, 12.0, 13.0]) == "0.83x"  # slower in every repeat
     assert cell([20.0, 21.0, 22.0], [10.0, 11.0, 12.0]) == "1.91x"
+
+
+def test_the_profiler_sorts_functions_into_layers() -> None:
+    """``python -m benchmarks.profile`` charges each function's self time to its layer."""
+    from benchmarks.profile import Profile, layer_of, render
+
+    site = "/venv/lib/python3.11/site-packages"
+    assert layer_of(f"{site}/sqlalchemy/pool/base.py", "_checkout") == (
+        "SA pool checkout and checkin"
+    )
+    assert layer_of(f"{site}/sqlalchemy/orm/session.py", "__init__") == (
+        "SA session: construction, transaction, close"
+    )
+    assert layer_of(f"{site}/sqlalchemy/orm/loading.py", "instances") == (
+        "SA ORM statement and loading"
+    )
+    assert layer_of("/repo/asyncorm/_session.py", "get") == "asyncorm: session layer"
+    assert layer_of("/repo/asyncorm/_aiosqlite.py", "_run") == (
+        "asyncorm: dialect and adapter hooks"
+    )
+    assert layer_of("~", "<method 'switch' of 'greenlet.greenlet' objects>") == (
+        "greenlet bridge and SA asyncio layer"
+    )
+    assert layer_of(f"{site}/tortoise/models.py", "get") == "Tortoise ORM"
+    shares = {"asyncorm: session layer": 0.25, "SA events": 0.75}
+    table = render(
+        [Profile(ASYNCORM, "W1 request read, 1 task", 400.0, 500.0, shares, [])], "sqlite"
+    )
+    assert "| event-loop thread CPU per operation | 400 us |" in table
+    assert "| asyncorm: session layer | 25% |" in table
+    assert "| SA events | 75% |" in table
