@@ -142,9 +142,9 @@ async def _serve(backend: str, url: str, pipe: Connection) -> None:
     engine = asyncorm.create_engine(url, pool_size=POOL, max_overflow=0)
     raw: RawDB
     if backend == "sqlite":
-        raw = await AiosqliteRaw.open(Path(url.removeprefix("sqlite:///")))
+        raw = await AiosqliteRaw.open(Path(url.removeprefix("sqlite:///")), POOL)
     else:
-        raw = await AsyncpgRaw.open(url)
+        raw = await AsyncpgRaw.open(url, POOL)
     async with AsyncExitStack() as warm:  # open every pooled connection now
         for _ in range(POOL):
             await warm.enter_async_context(engine.connect())
@@ -265,9 +265,9 @@ async def measure_asgi(
     engine = asyncorm.create_engine(url, pool_size=POOL, max_overflow=0)
     raw: RawDB
     if backend == "sqlite":
-        raw = await AiosqliteRaw.open(Path(url.removeprefix("sqlite:///")))
+        raw = await AiosqliteRaw.open(Path(url.removeprefix("sqlite:///")), POOL)
     else:
-        raw = await AsyncpgRaw.open(url)
+        raw = await AsyncpgRaw.open(url, POOL)
     names = (*CONTENDERS, *NO_IO.values())
     micros: dict[str, list[float]] = {name: [] for name in names}
     try:
