@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import asyncorm
 from asyncorm._check import check
 from tests.conftest import postgres_url, reset_schema
-from tests.models import Account
+from tests.models import Account, User
 from tests.pgbouncer import POOL_SIZE, Bouncer
 
 COUNTERS = 10
@@ -50,7 +50,8 @@ def count_connects(engine: AsyncEngine) -> list[int]:
 
 async def workload(engine: AsyncEngine) -> tuple[list[BaseException], set[int]]:
     """200 concurrent sessions through the registry: each increments a counter in a declared
-    unit (read-modify-write under FOR UPDATE), then reads outside any declared unit (plain
+    unit (read-modify-write under FOR UPDATE) that also inserts two rows in one statement,
+    then reads outside any declared unit (plain
     reads: deferred BEGIN) and checks what it reads. Returns the errors and the server
     backends the units ran on."""
     db = asyncorm.async_scoped_session(asyncorm.async_sessionmaker(engine))
@@ -67,6 +68,7 @@ async def workload(engine: AsyncEngine) -> tuple[list[BaseException], set[int]]:
                     assert account is not None
                     account.balance += 1
                     written = account.balance
+                    db.add_all([User(name=f"u{counter}"), User(name=f"v{counter}")])  # many
                     backends.add(await db.scalar(text("SELECT pg_backend_pid()")))
                 # plain reads, no transaction block: any server connection may answer
                 seen = await db.scalar(
@@ -90,6 +92,11 @@ async def workload(engine: AsyncEngine) -> tuple[list[BaseException], set[int]]:
 async def counters(server: AsyncEngine) -> int:
     async with server.connect() as conn:
         return int(await conn.scalar(select(func.sum(Account.balance))) or 0)
+
+
+async def users(server: AsyncEngine) -> int:
+    async with server.connect() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(User)) or 0)
 
 
 async def server_prepared_statements(engine: AsyncEngine) -> tuple[set[int], list[str]]:
@@ -126,6 +133,7 @@ async def test_200_concurrent_sessions_through_transaction_pooling_end_exact(
         errors, backends = await workload(engine)
         assert errors == []
         assert await counters(server) == SESSIONS
+        assert await users(server) == 2 * SESSIONS
         # more client connections than server connections: they were shared
         assert len(backends) <= POOL_SIZE < len(opened)
         # no named statement was left on any server connection
