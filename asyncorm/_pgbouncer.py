@@ -47,6 +47,7 @@ becomes one (:func:`startup_refused`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.engine import URL
@@ -123,7 +124,30 @@ def configure(url: URL, kwargs: dict[str, Any], shown: str) -> bool:
             f"pgbouncer=True uses unnamed ones."
         )
     kwargs["connect_args"] = connect_args
+    if kwargs.get("async_creator") is not None:  # opens asyncpg connections its own way
+        kwargs["async_creator"] = _cache_checked(kwargs["async_creator"], shown)
     return True
+
+
+def _cache_checked(
+    creator: Callable[[], Awaitable[Any]], shown: str
+) -> Callable[[], Awaitable[Any]]:
+    """Wrap a user's ``async_creator``: a connection it opens with asyncpg's statement cache
+    on is closed and refused (its ``statement_cache_size`` is its own, not connect_args')."""
+
+    async def checked() -> Any:
+        connection = await creator()
+        # asyncpg keeps the setting in a private attribute only (0.29 to 0.32 at least)
+        if getattr(connection, "_stmt_cache_enabled", False):
+            await connection.close()
+            raise ConfigurationError(
+                f"The async_creator of {shown!r} opened an asyncpg connection with its "
+                f"statement cache on, which pgbouncer=True cannot turn off: pass "
+                f"statement_cache_size=0 to asyncpg.connect()."
+            )
+        return connection
+
+    return checked
 
 
 _REFUSED = "unsupported startup parameter"

@@ -333,3 +333,33 @@ async def test_check_reports_the_pooler_and_the_mode(pgbouncer: Bouncer) -> None
             f"yes: the server listens on port {port}, the URL's port is {pgbouncer.port} "
             f"(a pgbouncer or another proxy in front){tail}"
         )
+
+
+async def test_an_async_creator_must_open_connections_without_a_statement_cache(
+    pgbouncer: Bouncer, server: AsyncEngine
+) -> None:
+    import asyncpg
+
+    async def cached() -> Any:
+        return await asyncpg.connect(pgbouncer.url())
+
+    async def uncached() -> Any:
+        return await asyncpg.connect(pgbouncer.url(), statement_cache_size=0)
+
+    engine = asyncorm.create_engine(pgbouncer.url(), pgbouncer=True, async_creator=cached)
+    try:
+        with pytest.raises(
+            asyncorm.ConfigurationError,
+            match=r"opened an asyncpg connection with its statement cache on, which "
+            r"pgbouncer=True cannot turn off: pass statement_cache_size=0",
+        ):
+            async with engine.connect():
+                pass
+    finally:
+        await engine.dispose()
+    engine = asyncorm.create_engine(pgbouncer.url(), pgbouncer=True, async_creator=uncached)
+    try:
+        errors, _ = await workload(engine)
+        assert errors == []
+    finally:
+        await engine.dispose()
