@@ -99,28 +99,29 @@ async def users(server: AsyncEngine) -> int:
         return int(await conn.scalar(select(func.count()).select_from(User)) or 0)
 
 
-async def server_prepared_statements(engine: AsyncEngine) -> tuple[set[int], list[str]]:
-    """Hold all of pgbouncer's server connections at once, each in a transaction, and list
-    the named prepared statements each one has."""
+async def on_every_server(engine: AsyncEngine, sql: str) -> tuple[set[int], list[str]]:
+    """Run ``sql`` on each of pgbouncer's server connections: hold them all at once, each in
+    a transaction. Returns their backends and the first column of the rows."""
     arrived = 0
     all_in = asyncio.Event()
     pids: set[int] = set()
-    names: list[str] = []
+    rows: list[str] = []
 
     async def hold() -> None:
         nonlocal arrived
         async with engine.begin() as conn:
             pids.add(int(await conn.scalar(text("SELECT pg_backend_pid()"))))
-            names.extend(
-                (await conn.scalars(text("SELECT name FROM pg_prepared_statements"))).all()
-            )
+            result = await conn.execute(text(sql))
+            if result.returns_rows:
+                rows.extend(result.scalars().all())
             arrived += 1
             if arrived == POOL_SIZE:
                 all_in.set()
             await all_in.wait()
 
     await asyncio.gather(*(hold() for _ in range(POOL_SIZE)))
-    return pids, names
+    assert len(pids) == POOL_SIZE
+    return pids, rows
 
 
 async def test_200_concurrent_sessions_through_transaction_pooling_end_exact(
@@ -130,6 +131,8 @@ async def test_200_concurrent_sessions_through_transaction_pooling_end_exact(
     engine = asyncorm.create_engine(pgbouncer.url(), pgbouncer=True, pool_pre_ping_after=0)
     opened = count_connects(engine)
     try:
+        # what other clients (tests without pgbouncer=True) left on the server connections
+        await on_every_server(engine, "DEALLOCATE ALL")
         errors, backends = await workload(engine)
         assert errors == []
         assert await counters(server) == SESSIONS
@@ -137,8 +140,7 @@ async def test_200_concurrent_sessions_through_transaction_pooling_end_exact(
         # more client connections than server connections: they were shared
         assert len(backends) <= POOL_SIZE < len(opened)
         # no named statement was left on any server connection
-        pids, names = await server_prepared_statements(engine)
-        assert len(pids) == POOL_SIZE
+        _, names = await on_every_server(engine, "SELECT name FROM pg_prepared_statements")
         assert names == []
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
