@@ -151,19 +151,24 @@ def pg_cluster() -> Iterator[Cluster]:
         cluster.remove()
 
 
-@pytest.fixture(scope="session")
-def pgbouncer() -> Iterator[bouncer.Bouncer]:
-    """A real pgbouncer in transaction pooling mode in front of the test PostgreSQL server,
-    with fewer server connections than the tests' clients; stopped at the end of the run
-    (see tests/pgbouncer.py). Skipped where pgbouncer is not installed, unless
-    ASYNCORM_REQUIRE_POSTGRES=1 (``.ci/run`` installs it)."""
+def require_pgbouncer() -> str:
+    """The PostgreSQL URL for a pgbouncer to stand in front of; skips where pgbouncer is not
+    installed, unless ASYNCORM_REQUIRE_POSTGRES=1 (``.ci/run`` installs it)."""
     url = postgres_url()
     if bouncer.binary() is None:
         reason = "pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)"
         if REQUIRE_POSTGRES:
             pytest.fail(f"{reason}, and ASYNCORM_REQUIRE_POSTGRES=1 is set")
         pytest.skip(reason)
-    running = bouncer.Bouncer(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[bouncer.Bouncer]:
+    """A real pgbouncer in transaction pooling mode in front of the test PostgreSQL server,
+    with fewer server connections than the tests' clients; stopped at the end of the run
+    (see tests/pgbouncer.py)."""
+    running = bouncer.Bouncer(require_pgbouncer())
     try:
         running.start()
         yield running

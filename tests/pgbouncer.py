@@ -89,6 +89,13 @@ class Bouncer:
                     raise RuntimeError(f"pgbouncer did not listen: {self.log()}") from None
                 time.sleep(0.05)
 
+    def restart(self) -> None:
+        """Stop pgbouncer, which closes every client connection, and start it again."""
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.start()
+
     def log(self) -> str:
         return "".join(
             path.read_text(errors="replace")

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncorm
 from asyncorm._check import check
-from tests.conftest import postgres_url, reset_schema
+from tests.conftest import postgres_url, require_pgbouncer, reset_schema
 from tests.models import Account, User
 from tests.pgbouncer import POOL_SIZE, Bouncer
 
@@ -365,3 +365,28 @@ async def test_an_async_creator_must_open_connections_without_a_statement_cache(
         assert errors == []
     finally:
         await engine.dispose()
+
+
+async def test_the_pre_ping_replaces_connections_a_restarted_pgbouncer_closed(
+    server: AsyncEngine,
+) -> None:
+    """pgbouncer restarted (its own process, not the session's): every pooled client
+    connection is closed, and the next units get new ones without an error."""
+    own = Bouncer(require_pgbouncer())
+    own.start()
+    engine = asyncorm.create_engine(own.url(), pgbouncer=True)
+    opened = count_connects(engine)
+    try:
+        async def unit() -> int:
+            async with asyncorm.async_sessionmaker(engine).begin() as session:
+                return int(await session.scalar(text("SELECT 1")))
+
+        assert await asyncio.gather(*(unit() for _ in range(10))) == [1] * 10
+        before = len(opened)
+        own.restart()
+        assert await asyncio.gather(*(unit() for _ in range(10))) == [1] * 10
+        assert len(opened) > before  # the closed ones were replaced, not handed out
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+        own.stop()
