@@ -14,16 +14,17 @@ on a server connection where another client prepared its own ``__asyncpg_stmt_1_
 (``prepared statement "__asyncpg_stmt_1__" already exists``), or its next execution lands
 where it was never prepared (``... does not exist``).
 
-``pgbouncer=True`` (or ``?pgbouncer=true`` in the URL, the spelling Prisma and Supabase use)
+``pgbouncer=True`` (or ``?pgbouncer=true`` in the URL, the spelling Prisma's documentation uses)
 sets both caches to 0. asyncpg then prepares every statement unnamed and sends its ``Parse``
 again in the same message sequence as the ``Bind`` and ``Execute`` (asyncpg >= 0.29): each
 execution is complete in one ``Sync`` and needs nothing from an earlier one, wherever
 pgbouncer sends it. No named statement is ever created, so none is left behind on a server
 connection (SQLAlchemy's other workaround, unique statement names, leaves one per
 execution there). The cost is one more round trip per statement (asyncpg describes each
-statement before executing it).
+statement before executing it). A user's ``async_creator`` opens connections its own way:
+one it opens with asyncpg's statement cache on is refused.
 
-What else holds under transaction pooling, with or without the option:
+What else holds under transaction pooling, once statements are unnamed:
 
 * deferred BEGIN: a plain read outside a transaction block is one statement at READ
   COMMITTED, which gives the same rows on any server connection; the first statement that
