@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ._engine import create_engine, redact_url
 from ._errors import AsyncORMError, ConfigurationError, DatabaseUnavailableError
+from ._pgbouncer import enabled as pgbouncer_enabled
 
 __all__ = ["check"]
 
@@ -131,14 +132,22 @@ def _pooler(url: URL, server_port: int | None) -> str:
     hosts = url.query.get("host")
     if isinstance(hosts, tuple):
         ports = {int(token.rpartition(":")[2]) for token in hosts if ":" in token}
+    mode = pgbouncer_enabled(url)
     if server_port is None:
-        return "unknown (connected through a Unix socket)"
-    if server_port in ports:
-        return "none detected (the server itself answers on this port)"
-    return (
-        f"yes: the server listens on port {server_port}, the URL's port is "
-        f"{'/'.join(map(str, sorted(ports)))} (a pgbouncer or another proxy in front)"
-    )
+        found = "unknown (connected through a Unix socket)"
+    elif server_port in ports:
+        found = "none detected (the server itself answers on this port)"
+    else:
+        found = (
+            f"yes: the server listens on port {server_port}, the URL's port is "
+            f"{'/'.join(map(str, sorted(ports)))} (a pgbouncer or another proxy in front)"
+        )
+        if not mode:
+            return (
+                f"{found}; if it pools transactions (pgbouncer's pool_mode=transaction), "
+                f"add ?pgbouncer=true to the URL"
+            )
+    return f"{found}; pgbouncer=true: no prepared statement is kept" if mode else found
 
 
 def _pool(pool: Any) -> str:

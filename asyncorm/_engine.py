@@ -107,7 +107,9 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
       :class:`~asyncorm.WriteConflictError`). ``sqlite://`` is an in-memory database shared
       by the engine's connections, each with its own transaction (there, without WAL, reads
       run outside the transaction until its first write).
-    * PostgreSQL: asyncpg with ``pool_pre_ping=True``.
+    * PostgreSQL: asyncpg with ``pool_pre_ping=True``, BEGIN deferred past plain reads;
+      behind pgbouncer's transaction pooling pass ``pgbouncer=True`` (or add
+      ``?pgbouncer=true`` to the URL): no prepared statement is kept on a connection.
 
     Keyword arguments go to :func:`sqlalchemy.ext.asyncio.create_async_engine` and win over
     the profile's defaults.
@@ -116,10 +118,12 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
 
         engine = asyncorm.create_engine("sqlite:///app.db")
         engine = asyncorm.create_engine("postgresql://app@localhost/app", pool_size=10)
+        engine = asyncorm.create_engine("postgresql://app@pooler:6432/app", pgbouncer=True)
 
     Raises :class:`ConfigurationError` for an unsupported URL or a missing driver package.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 ``pgbouncer=True`` and ``?pgbouncer=true``.
     """
     parsed = _parse(url)
     shown = redact_url(parsed)

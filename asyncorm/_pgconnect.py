@@ -8,7 +8,9 @@ up"). Two of those become asyncorm errors naming the server and what to do:
 * a server that is not there right now (refused, reset, timed out, starting up or shutting
   down: a restart or a failover): :class:`DatabaseUnavailableError`.
 
-Authentication, an unknown database and configuration errors pass through unchanged.
+A pgbouncer refusing a startup parameter (``statement_timeout``) is a
+:class:`ConfigurationError` saying where to set it instead (:mod:`asyncorm._pgbouncer`).
+Authentication, an unknown database and other configuration errors pass through unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ssl
 from typing import Any
 
 from ._errors import DatabaseUnavailableError, TLSVerificationError
+from ._pgbouncer import startup_refused
 
 __all__ = ["connect_error"]
 
@@ -35,6 +38,9 @@ def connect_error(exc: Exception, kwargs: dict[str, Any]) -> Exception | None:
     """The asyncorm error for ``exc``, raised by ``asyncpg.connect(**kwargs)``, or None."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _tls_failure(exc, _where(kwargs))
+    refused = startup_refused(exc, _where(kwargs))
+    if refused is not None:
+        return refused
     import asyncpg  # here: only PostgreSQL engines get here
 
     reason = _UNAVAILABLE_STATES.get(str(getattr(exc, "sqlstate", "")))

@@ -56,7 +56,11 @@ _NUMBERS: dict[str, type[int] | type[float]] = {
     "prepared_statement_cache_size": int,  # SQLAlchemy's own
 }
 _ROUTING = frozenset({"host", "port"})  # SQLAlchemy's multi-host handling
-ACCEPTED = tuple(sorted(_LIBPQ | set(_NUMBERS) | _ROUTING | {"connect_timeout", "ssl"}))
+# asyncorm's own: read by the profile (asyncorm._pgbouncer), never sent to asyncpg
+_ASYNCORM = frozenset({"pgbouncer"})
+ACCEPTED = tuple(
+    sorted(_LIBPQ | set(_NUMBERS) | _ROUTING | _ASYNCORM | {"connect_timeout", "ssl"})
+)
 
 
 class Translation:

@@ -60,7 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_
 
-from . import _asyncpg, _lost, _pgparams
+from . import _asyncpg, _lost, _pgbouncer, _pgparams
 from ._cancellation import wait_to_completion
 from ._engine import redact_url
 from ._errors import ConfigurationError, ReadOnlySessionError, shown_statement
@@ -79,7 +79,8 @@ _HEARD = "asyncorm_heard"  # what the server had sent when the connection was re
 def prepare(
     url: URL, kwargs: dict[str, Any]
 ) -> tuple[URL, dict[str, Any], Callable[[AsyncEngine], None]]:
-    """Apply the PostgreSQL profile; ``pool_pre_ping`` (default True) is asyncorm's ping."""
+    """Apply the PostgreSQL profile; ``pool_pre_ping`` (default True) is asyncorm's ping,
+    ``pgbouncer=True`` makes it safe behind pgbouncer's transaction pooling."""
     pre_ping = kwargs.pop("pool_pre_ping", True)
     defer_begin = kwargs.pop("defer_begin", True)
     isolation = kwargs.get("isolation_level")
@@ -91,6 +92,7 @@ def prepare(
     if kwargs.get("async_creator") is not None:  # bypasses do_connect: wrapped here
         kwargs["async_creator"] = _asyncpg.in_own_context(kwargs["async_creator"])
     shown = redact_url(url)
+    _pgbouncer.configure(url, kwargs, shown)  # pgbouncer=True: no prepared statement kept
     connect_args = _server_settings(kwargs, shown)
     url, params = _pgparams.translate(url, shown, connect_args)
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncorm
+from tests import pgbouncer as bouncer
 from tests.models import Base
 from tests.pgcluster import Cluster, why_unavailable
 
@@ -167,3 +168,28 @@ def pg_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.remove()
+
+
+def require_pgbouncer() -> str:
+    """The PostgreSQL URL for a pgbouncer to stand in front of; skips where pgbouncer is not
+    installed, unless ASYNCORM_REQUIRE_POSTGRES=1 (``.ci/run`` installs it)."""
+    url = postgres_url()
+    if bouncer.binary() is None:
+        reason = "pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)"
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"{reason}, and ASYNCORM_REQUIRE_POSTGRES=1 is set")
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[bouncer.Bouncer]:
+    """A real pgbouncer in transaction pooling mode in front of the test PostgreSQL server,
+    with fewer server connections than the tests' clients; stopped at the end of the run
+    (see tests/pgbouncer.py)."""
+    running = bouncer.Bouncer(require_pgbouncer())
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()

@@ -4,22 +4,16 @@ through TLS and pgbouncer, and every way a connection fails."""
 from __future__ import annotations
 
 import io
-import os
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-from sqlalchemy.engine import make_url
 
 from asyncorm._check import check as asyncorm_check
 from tests.conftest import Backend
+from tests.pgbouncer import Bouncer
 from tests.pgcluster import PASSWORD_USER, TLS_ONLY_USER, Cluster
 
 
@@ -86,56 +80,12 @@ async def test_check_reports_tls(pg_cluster: Cluster) -> None:
     assert (await report(pg_cluster.url(query="sslmode=disable")))["tls"] == "off (not encrypted)"
 
 
-@pytest.fixture(scope="module")
-def pgbouncer(pg_cluster: Cluster) -> Iterator[int]:
-    """A pgbouncer in transaction pooling mode in front of the throwaway cluster."""
-    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    if not os.path.exists(binary):
-        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run does)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = pg_cluster.dir / "pgbouncer.ini"
-    config.write_text(
-        f"[databases]\n* = host=127.0.0.1 port={pg_cluster.port}\n[pgbouncer]\n"
-        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = {pg_cluster.dir / 'userlist.txt'}\n"
-        f"pool_mode = transaction\nlogfile = {pg_cluster.dir / 'pgbouncer.log'}\n"
-        f"pidfile = {pg_cluster.dir / 'pgbouncer.pid'}\n"
-    )
-    (pg_cluster.dir / "userlist.txt").write_text('"postgres" ""\n')
-    command = [binary, str(config)]
-    if os.geteuid() == 0:
-        for path in (config, pg_cluster.dir / "userlist.txt"):
-            shutil.chown(path, "postgres")
-        command = ["runuser", "-u", "postgres", "--", *command]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert process.stdout is not None
-    output = []
-    for line in process.stdout:  # its log, until it says it listens (or exits)
-        output.append(line.decode(errors="replace"))
-        if b"process up" in line:
-            break
-    else:
-        pytest.fail(f"pgbouncer exited: {''.join(output)}")
-    # keep reading its log, or a full pipe would stop it
-    drain = threading.Thread(target=process.stdout.read, daemon=True)
-    drain.start()
-    try:
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        drain.join(timeout=10)
-        process.stdout.close()
-
-
-async def test_check_detects_a_pgbouncer_in_front(pg_cluster: Cluster, pgbouncer: int) -> None:
-    url = make_url(pg_cluster.url()).set(port=pgbouncer).render_as_string(False)
-    lines = await report(url)
-    assert lines["pooler"] == (
-        f"yes: the server listens on port {pg_cluster.port}, the URL's port is {pgbouncer} "
-        f"(a pgbouncer or another proxy in front)"
+async def test_check_detects_a_pgbouncer_in_front(pgbouncer: Bouncer) -> None:
+    """(tests/test_pgbouncer.py checks what it says of pgbouncer=true.)"""
+    lines = await report(pgbouncer.url())
+    assert lines["pooler"].startswith(
+        f"yes: the server listens on port {pgbouncer.server.port or 5432}, the URL's port is "
+        f"{pgbouncer.port} (a pgbouncer or another proxy in front)"
     )
 
 
