@@ -147,6 +147,43 @@ async def test_200_concurrent_sessions_through_transaction_pooling_end_exact(
         await engine.dispose()
 
 
+async def test_transactional_units_with_retries_through_transaction_pooling_end_exact(
+    pgbouncer: Bouncer, server: AsyncEngine
+) -> None:
+    """200 REPEATABLE READ units read-modify-write 10 counters through pgbouncer: the
+    conflicts (40001) are retried whole, each on whatever server connection pgbouncer gives,
+    and every on_commit callback runs once per committed unit."""
+    engine = asyncorm.create_engine(pgbouncer.url(), pgbouncer=True, pool_size=20)
+    db = asyncorm.async_scoped_session(asyncorm.async_sessionmaker(engine))
+    retries: list[int] = []
+    committed: list[int] = []
+    rng = random.Random(11)
+    picks = [rng.randrange(COUNTERS) for _ in range(SESSIONS)]
+
+    @db.transactional(
+        retries=50,
+        isolation_level="REPEATABLE READ",
+        backoff=asyncorm.Backoff(initial=0.001, maximum=0.05),
+        on_retry=lambda error, attempt, pause: retries.append(attempt),
+    )
+    async def increment(counter: int) -> None:
+        account = await db.get(Account, counter)  # no FOR UPDATE: conflicts are retried
+        assert account is not None
+        account.balance += 1
+        db.on_commit(lambda: committed.append(counter))
+
+    try:
+        await on_every_server(engine, "DEALLOCATE ALL")
+        await asyncio.gather(*(increment(counter) for counter in picks))
+        assert await counters(server) == SESSIONS
+        assert sorted(committed) == sorted(picks)
+        assert retries, "200 units on 10 counters must have conflicted at least once"
+        assert db.live_sessions == 0
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
 async def test_the_url_parameter_turns_it_on(pgbouncer: Bouncer, server: AsyncEngine) -> None:
     engine = asyncorm.create_engine(pgbouncer.url("pgbouncer=true"))
     try:
