@@ -321,7 +321,24 @@ class ReadOnlySessionError(AsyncORMError, sa_exc.InvalidRequestError):
     """
 
 
-class WriteConflictError(AsyncORMError, sa_exc.OperationalError):
+class _OperationalWithMessage(sa_exc.OperationalError):
+    """A SQLAlchemy ``OperationalError`` (statement, params, driver error) whose ``str()`` is
+    asyncorm's own message; pickles with it."""
+
+    def __init__(
+        self, message: str, statement: str | None, params: Any, orig: BaseException
+    ) -> None:
+        super().__init__(statement, params, orig)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.statement, self.params, self.orig)
+
+
+class WriteConflictError(AsyncORMError, _OperationalWithMessage):
     """A transaction's first write was refused because its read snapshot went stale.
 
     On SQLite a session that is not a declared unit of work begins deferred: its reads see a
@@ -348,18 +365,6 @@ class WriteConflictError(AsyncORMError, sa_exc.OperationalError):
     .. versionadded:: 0.2
     """
 
-    def __init__(
-        self, message: str, statement: str | None, params: Any, orig: BaseException
-    ) -> None:
-        super().__init__(statement, params, orig)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self) -> Any:
-        return type(self), (self.message, self.statement, self.params, self.orig)
-
 
 def shown_statement(statement: str, limit: int = 80) -> str:
     """A SQL statement on one line, cut to ``limit`` characters, for an error message."""
@@ -367,7 +372,7 @@ def shown_statement(statement: str, limit: int = 80) -> str:
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
-class ConnectionLostError(AsyncORMError, sa_exc.OperationalError):
+class ConnectionLostError(AsyncORMError, _OperationalWithMessage):
     """A PostgreSQL connection was lost while a statement ran: the server ended the session.
 
     A restart, a failover, ``pg_terminate_backend`` or a network failure ended the session
@@ -388,18 +393,6 @@ class ConnectionLostError(AsyncORMError, sa_exc.OperationalError):
 
     .. versionadded:: 0.2
     """
-
-    def __init__(
-        self, message: str, statement: str | None, params: Any, orig: BaseException
-    ) -> None:
-        super().__init__(statement, params, orig)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self) -> Any:
-        return type(self), (self.message, self.statement, self.params, self.orig)
 
 
 class DatabaseUnavailableError(AsyncORMError, ConnectionError):
