@@ -10,7 +10,7 @@ a subclass of SQLAlchemy's ``OperationalError`` that keeps ``connection_invalida
 what happened to the work and what to do.
 
 COMMIT and ROLLBACK are left alone (no statement): a lost COMMIT is
-:class:`~asyncorm.TransactionOutcomeUnknownError` (:mod:`asyncorm._session`), and so are
+:class:`~asyncorm.TransactionOutcomeUnknownError` (:mod:`asyncorm._commit`), and so are
 cancellations (:mod:`asyncorm._cancellation`) and the pre-ping (it replaces the connection).
 """
 

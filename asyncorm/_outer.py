@@ -46,7 +46,8 @@ from sqlalchemy.sql.elements import TextClause
 
 from ._errors import EventLoopMismatchError, ReadOnlySessionError, shown_statement
 from ._options import READ_ONLY
-from ._registry import _Scope, async_scoped_session
+from ._registry import async_scoped_session
+from ._scope import _Scope
 from ._session import AsyncSession, async_sessionmaker
 from ._sqlite import _text_writes
 

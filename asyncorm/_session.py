@@ -1,29 +1,31 @@
-"""``AsyncSession`` and ``async_sessionmaker``."""
+"""``AsyncSession`` and ``async_sessionmaker``.
+
+The session's own API: the guards on its members, ``get()`` from the identity map, the
+cleanups, ``commit()``, ``on_commit()``, ``query()``, and the factory. The commit they share
+with the transaction context managers is in :mod:`asyncorm._commit`; those context managers
+(what ``begin()`` and ``Session.begin()`` return) are in :mod:`asyncorm._begin`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from sqlalchemy import util as sa_util
-from sqlalchemy.exc import DBAPIError, NoResultFound
+from sqlalchemy.exc import NoResultFound
 from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.asyncio.session import _AsyncSessionContextManager
 from sqlalchemy.orm import Mapper, Session
 
-from ._cancellation import (
-    deliver_later,
-    ending_may_suspend,
-    hold_cancellations,
-    run_to_completion,
-)
-from ._errors import TransactionalUnitError, TransactionOutcomeUnknownError
+from ._begin import _BeginContext, _Transaction
+from ._cancellation import deliver_later
+from ._commit import _commit_in_two_phases, _to_completion
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
-from ._oncommit import OnCommitCallback, Pending, register, run_ready, take_ready
+from ._oncommit import OnCommitCallback, Pending, register
 from ._options import read_only_options
 from ._query import AsyncQuery
 
@@ -373,300 +375,6 @@ class AsyncSession(sa_asyncio.AsyncSession):
             rows = await session.query(User.id, User.name).order_by(User.id).all()
         """
         return AsyncQuery(self, entities)
-
-
-async def _to_completion(session: AsyncSession, cleanup: Coroutine[Any, Any, None]) -> None:
-    """Await a cleanup coroutine; to completion if it may do IO.
-
-    A cleanup that cannot suspend cannot be interrupted by a cancellation, so it needs no
-    task of its own (which costs ~20-30 microseconds): so it is without a transaction, or when
-    the transaction's one connection has no transaction open on the server (a PostgreSQL
-    session that only read, its BEGIN deferred) and its return to the pool does no IO (see
-    ``ending_may_suspend``).
-    """
-    if _cleanup_may_suspend(session.sync_session):
-        await run_to_completion(cleanup)
-    else:
-        await cleanup
-
-
-def _cleanup_may_suspend(sync_session: Session) -> bool:
-    if sync_session.get_transaction() is None:
-        return False
-    if not isinstance(sync_session, SyncSession):
-        return True  # a custom sync_session_class: its connections are not known
-    open_connections = [c for c in sync_session.transaction_connections() if not c.closed]
-    if len(open_connections) > 1:
-        return True  # returning one can make the pool close the next: not worth judging
-    return any(ending_may_suspend(c) for c in open_connections)
-
-
-# -- commit: a cancellation either rolls back, or learns that the data is committed ---------
-
-
-async def _commit_in_two_phases(
-    session: AsyncSession,
-    commit: Callable[[], Coroutine[Any, Any, None]],
-    on_flush_error: Callable[[BaseException], Awaitable[None] | None],
-    held: list[asyncio.CancelledError],
-) -> None:
-    """Commit ``session``'s transaction in the caller's task: the one commit of every path.
-
-    1. Flush, cancellable. If it fails (a cancellation included), ``on_flush_error(exc)``
-       (the rollback, which runs to completion) is awaited and ``exc`` raised: nothing was
-       committed. A cancellation requested during the last stretch of the flush that did not
-       reach an await is delivered here too, before COMMIT.
-    2. ``commit()`` (SQLAlchemy's: ``before_commit``, a residual flush if a hook added
-       objects, COMMIT, ``after_commit``, the connection back to the pool) under
-       :func:`hold_cancellations`, without a task: cancellations arriving meanwhile are
-       appended to ``held``, for the caller to deliver with ``deliver_later(held)`` once it
-       has nothing left to await. Then:
-
-       * COMMIT succeeded: return normally. The data is committed and the caller is told so.
-       * the connection failed once COMMIT may have been sent (a disconnect, or a held
-         cancellation given up on after ``CLEANUP_GRACE``):
-         :class:`~asyncorm.TransactionOutcomeUnknownError`, ``held`` left for the caller.
-       * anything else failed (the database refused the COMMIT, a deferred constraint):
-         nothing was committed; a held cancellation is raised, chained to the error, as
-         :func:`run_to_completion` does; otherwise the error.
-    3. Once committed, the session's ``on_commit`` callbacks run, cancellations still held
-       (see :mod:`asyncorm._oncommit`).
-    """
-    if session._asyncorm_unit is not None:
-        raise _commit_in_unit(session._asyncorm_unit)
-    task = asyncio.current_task()
-    requested = task.cancelling() if task is not None else 0
-    sync_session = session.sync_session
-    try:
-        if sync_session.new or sync_session.deleted or sync_session.dirty:
-            await _AsyncBase.flush(session)
-        if task is not None and task.cancelling():
-            # a cancellation requested before this commit or during the flush and not
-            # delivered yet (nothing awaited since): it lands here, before COMMIT
-            await asyncio.sleep(0)
-    except BaseException as exc:
-        cleanup = on_flush_error(exc)
-        if cleanup is not None:
-            await cleanup
-        raise
-    try:
-        await hold_cancellations(commit(), held)
-    except BaseException as exc:
-        if _outcome_unknown(exc):
-            raise TransactionOutcomeUnknownError(_outcome_unknown_message(session, exc)) from exc
-        if held:
-            cancelled = held[0]
-            held.clear()
-            raise cancelled from exc
-        raise
-    if task is not None and task.cancelling() > requested + len(held):
-        # requested while the commit ran code that did not await afterwards (an event hook):
-        # still pending, it would land at the next await and report a committed block as
-        # cancelled; take it now and hold it with the others
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError as exc:
-            held.append(exc)
-    ready = take_ready(session)
-    if ready:
-        # the side effects of committed data: they run even if a cancellation arrives
-        try:
-            await hold_cancellations(run_ready(session, ready), held)
-        except asyncio.CancelledError:
-            if not held:
-                raise
-            # a callback given up on after the grace period: the held cancellation is the
-            # one to raise (once), not the callback's own
-            cancelled = held[0]
-            held.clear()
-            raise cancelled from None
-
-
-def _commit_in_unit(name: str) -> TransactionalUnitError:
-    return TransactionalUnitError(
-        f"A commit was requested inside the transactional unit {name}(), which commits when "
-        f"{name}() returns. A commit in the middle would make a retry apply the committed "
-        f"part twice; nothing was committed. Remove the commit, or split the work into two "
-        f"units called one after the other."
-    )
-
-
-def _outcome_unknown(exc: BaseException) -> bool:
-    """Whether ``exc``, raised by a commit, leaves it unknown whether COMMIT was applied."""
-    if isinstance(exc, DBAPIError):
-        # a lost connection outside any statement: at COMMIT (a statement of a residual flush
-        # failing means COMMIT was never sent)
-        return exc.connection_invalidated and exc.statement is None
-    # a COMMIT given up on after a cancellation; a socket error or timeout from the driver
-    return isinstance(exc, (asyncio.CancelledError, OSError))
-
-
-def _outcome_unknown_message(session: AsyncSession, exc: BaseException) -> str:
-    name = f"<{type(session).__name__} {id(session):#x}>"
-    if isinstance(exc, asyncio.CancelledError):
-        why = (
-            "the task was cancelled while COMMIT was on its way, and the database had not "
-            "answered when asyncorm stopped waiting for it"
-        )
-    else:
-        cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-        detail = " ".join(str(cause).split()) or type(cause).__name__
-        why = f"the connection failed before the database answered ({detail})"
-    return (
-        f"The transaction of session {name} may or may not have been committed: COMMIT was "
-        f"sent, but {why}. Do not simply run it again: check whether its changes are in the "
-        f"database (a unique key, an idempotency token) before retrying."
-    )
-
-
-class _Transaction(sa_asyncio.AsyncSessionTransaction):
-    """SQLAlchemy's ``AsyncSessionTransaction`` under the session's guard.
-
-    The commit of ``async with session.begin():`` and ``commit()`` are
-    :func:`_commit_in_two_phases`: a cancellation before COMMIT rolls back, one during COMMIT
-    waits for it and is delivered after. The rollback of a failed block runs to completion
-    even if the task is cancelled meanwhile. A SAVEPOINT (``begin_nested()``) is released as
-    SQLAlchemy does: it commits nothing by itself.
-    """
-
-    __slots__ = ()
-
-    @property
-    def _owner(self) -> AsyncSession:
-        return cast(AsyncSession, self.session)
-
-    async def start(self, is_ctxmanager: bool = False) -> sa_asyncio.AsyncSessionTransaction:
-        took = enter(self._owner, "begin")
-        try:
-            return await super().start(is_ctxmanager)
-        finally:
-            if took:
-                leave(self._owner)
-
-    async def commit(self) -> None:
-        took = enter(self._owner, "commit")
-        try:
-            if self.nested or self.sync_transaction is None:
-                await super().commit()
-                return
-            held: list[asyncio.CancelledError] = []
-            try:
-                await _commit_in_two_phases(
-                    self._owner,
-                    lambda: _TransactionBase.commit(self),
-                    self._roll_back_if_cancelled,
-                    held,
-                )
-            finally:
-                deliver_later(held)
-        finally:
-            if took:
-                leave(self._owner)
-
-    def _roll_back_if_cancelled(self, exc: BaseException) -> Awaitable[None] | None:
-        if isinstance(exc, Exception):
-            return None  # an ordinary flush error: the caller rolls back, as in SQLAlchemy
-        return run_to_completion(_TransactionBase.rollback(self))
-
-    async def rollback(self) -> None:
-        took = enter(self._owner, "rollback")
-        try:
-            await run_to_completion(_TransactionBase.rollback(self))
-        finally:
-            if took:
-                leave(self._owner)
-
-    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
-        if type_ is None and not self.nested:
-            held: list[asyncio.CancelledError] = []
-            try:
-                await self._exit_committing(held)
-            finally:
-                deliver_later(held)
-            return
-        exit_ = _TransactionBase.__aexit__
-        if type_ is None:
-            took = enter(self._owner, "commit")
-            try:
-                await exit_(self, type_, value, traceback)
-            finally:
-                if took:
-                    leave(self._owner)
-            return
-        took = enter(self._owner, "rollback")
-        try:
-            await run_to_completion(exit_(self, type_, value, traceback))
-        finally:
-            if took:
-                leave(self._owner)
-
-    async def _exit_committing(self, held: list[asyncio.CancelledError]) -> None:
-        """Leave the block without an exception: commit; held cancellations go to ``held``."""
-        exit_ = _TransactionBase.__aexit__
-        took = enter(self._owner, "commit")
-        try:
-            if not self.is_active:  # ended inside the block: nothing to commit
-                await exit_(self, None, None, None)
-                return
-
-            def roll_back(exc: BaseException) -> Awaitable[None]:
-                return run_to_completion(exit_(self, type(exc), exc, exc.__traceback__))
-
-            await _commit_in_two_phases(
-                self._owner, lambda: exit_(self, None, None, None), roll_back, held
-            )
-        finally:
-            if took:
-                leave(self._owner)
-
-
-_TransactionBase = sa_asyncio.AsyncSessionTransaction
-
-
-class _BeginContext(_AsyncSessionContextManager[_AS]):
-    """What ``async with Session.begin() as session:`` runs: a new session and its transaction.
-
-    SQLAlchemy's runs the commit and the close in a task of their own under
-    ``asyncio.shield``, so a cancellation of the caller never reaches the flush or the
-    COMMIT: the block commits, and the caller is told it was cancelled. Here the commit runs
-    in the caller's task (:func:`_commit_in_two_phases`): a cancellation before COMMIT rolls
-    back and is raised; once the COMMIT has succeeded the block exits normally, the session
-    is closed, and a cancellation that arrived meanwhile is delivered at the task's next
-    suspension. A failed block's rollback and the close run to completion.
-    """
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> _AS:
-        session = self.async_session
-        self.trans = session.begin()
-        try:
-            await self.trans.__aenter__()
-        except BaseException:
-            await session.close()
-            raise
-        return session
-
-    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
-        session = self.async_session
-        transaction = self.trans
-        if type_ is not None or not isinstance(transaction, _Transaction):
-            try:
-                await transaction.__aexit__(type_, value, traceback)
-            finally:
-                await session.close()
-            return
-        held: list[asyncio.CancelledError] = []
-        try:
-            try:
-                await transaction._exit_committing(held)
-            except BaseException:
-                await session.close()
-                raise
-            # committed: nothing after the COMMIT may report the block as cancelled
-            await hold_cancellations(session.close(), held)
-        finally:
-            deliver_later(held)
 
 
 class async_sessionmaker(sa_asyncio.async_sessionmaker[_AS]):

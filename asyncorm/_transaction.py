@@ -3,7 +3,7 @@
 Each call of a decorated function is a *unit*: a new session (a registry scope for
 ``@db.transactional``, a session of the factory for ``asyncorm.transactional(Session)``),
 its transaction begun with the isolation level asked for, the function, the commit (the
-two-phase commit of :mod:`asyncorm._session`, then the ``on_commit`` callbacks), the close.
+two-phase commit of :mod:`asyncorm._commit`, then the ``on_commit`` callbacks), the close.
 An exception rolls the attempt back (to completion, also when cancelled); if
 :func:`is_retryable` says so and retries are left, the whole function runs again, in a new
 session, after a pause (:class:`Backoff`). Nothing else is retried: not a cancellation, not a

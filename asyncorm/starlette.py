@@ -41,7 +41,8 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping,
 from typing import Any, Final, Literal
 
 from ._errors import ScopeError, UncommittedTaskWorkError
-from ._registry import _ScopeContext, async_scoped_session
+from ._registry import async_scoped_session
+from ._scope import _ScopeContext
 from ._session import AsyncSession
 
 __all__ = ["SessionMiddleware"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import asyncorm
-from asyncorm import _registry
+from asyncorm import _scope
 
 __all__ = ["Figure", "main", "measure"]
 
@@ -161,7 +161,7 @@ async def measure(n: int = 50_000, repeats: int = 7) -> list[Figure]:
     async def creation_site(count: int) -> float:
         start = time.perf_counter()
         for _ in range(count):
-            _registry._creation_site()
+            _scope._creation_site()
         return time.perf_counter() - start
 
     async def tracking(count: int) -> float:
@@ -170,8 +170,8 @@ async def measure(n: int = 50_000, repeats: int = 7) -> list[Figure]:
         assert task is not None
         start = time.perf_counter()
         for session in sessions:
-            tracker = _registry._Tracker(session, db._abandoned)
-            tracker.site = _registry._creation_site()
+            tracker = _scope._Tracker(session, db._abandoned)
+            tracker.site = _scope._creation_site()
             tracker.task_name = task.get_name()
             db._live.add(tracker)
             db._live.discard(tracker)
