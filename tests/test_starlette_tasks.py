@@ -158,6 +158,33 @@ async def test_session_middleware_inside_base_http_middleware_commits(
     assert await names(db.session_factory) == ["kept"]
 
 
+async def test_session_middleware_inside_base_http_middleware_commits_after_a_body_read(
+    db: Registry, engine: AsyncEngine
+) -> None:
+    """The disconnect probe before the auto-commit calls the BaseHTTPMiddleware's receive,
+    which enters an anyio task group: it must run in a task, not be stepped and closed by
+    hand (that broke the task group: 500 for every request that had read its body)."""
+
+    async def handler(request: Request) -> Response:
+        db.add(User(name=(await request.body()).decode()))
+        return PlainTextResponse("created", status_code=201)
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(Timing),
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/", content=b"kept")
+    assert app.errors == []
+    assert (response.status_code, response.headers["x-timing"]) == (201, "1")
+    assert await names(db.session_factory) == ["kept"]
+
+
 async def test_fastapi_dependency_behind_base_http_middleware_refuses_with_500(
     db: Registry, engine: AsyncEngine
 ) -> None:
