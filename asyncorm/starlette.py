@@ -303,11 +303,12 @@ async def _settle(plan: list[_RequestScope], status: int) -> None:
     (outermost middleware first): an error before the first commit leaves nothing committed.
     """
     sessions = [s for s in (request.session() for request in plan) if s is not None]
-    lost = [child for request in plan for child in request.unsaved_children()]
-    if lost:
-        raise UncommittedTaskWorkError(_lost_work_message(lost))
-    for request in plan:
-        await request.probe_disconnect()
+    if status < 400:  # a 4xx/5xx rolls back anyway: a task's unsaved writes lose nothing
+        lost = [child for request in plan for child in request.unsaved_children()]
+        if lost:
+            raise UncommittedTaskWorkError(_lost_work_message(lost))
+        for request in plan:
+            await request.probe_disconnect()
     if status >= 400 or any(request.disconnected for request in plan):
         for session in sessions:
             await session.rollback()

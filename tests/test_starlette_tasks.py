@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
@@ -116,6 +117,33 @@ async def test_writes_in_a_handler_behind_base_http_middleware_give_500_not_a_si
     assert "in handler()" in message
     assert "put SessionMiddleware inside every BaseHTTPMiddleware" in message
     assert "Nothing was committed: the request is answered 500" in message
+
+
+async def test_a_4xx_behind_base_http_middleware_stays_a_4xx_with_writes_left(
+    db: Registry, engine: AsyncEngine
+) -> None:
+    """A 4xx is rolled back anyway: a task's uncommitted writes lose nothing there, so they
+    must not turn the handler's 404 into UncommittedTaskWorkError's 500."""
+
+    async def handler(request: Request) -> Response:
+        db.add(User(name="dropped"))
+        await db.flush()
+        raise HTTPException(404, "no such owner")
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+                Middleware(Timing),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/")
+    assert (response.status_code, response.text) == (404, "no such owner")
+    assert app.errors == []
+    assert await names(db.session_factory) == []
 
 
 async def test_handler_behind_base_http_middleware_that_commits_itself_is_fine(
