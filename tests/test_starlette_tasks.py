@@ -31,7 +31,7 @@ import asyncorm
 from asyncorm import AsyncSession, ScopeError, UncommittedTaskWorkError, async_scoped_session
 from asyncorm.fastapi import session_dependency
 from asyncorm.starlette import DEFAULT_READ_ONLY_METHODS, SessionMiddleware
-from tests.conftest import reset_schema
+from tests.conftest import Backend, reset_schema
 from tests.models import User
 from tests.test_starlette import names, serve
 
@@ -143,6 +143,67 @@ async def test_a_4xx_behind_base_http_middleware_stays_a_4xx_with_writes_left(
         response = await client.post("/")
     assert (response.status_code, response.text) == (404, "no such owner")
     assert app.errors == []
+    assert await names(db.session_factory) == []
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT count(*) FROM users",
+        "-- how many\nSELECT count(*) FROM users",
+        "/* how many */ SELECT count(*) FROM users",
+        "/* a */ -- b\n  /* c */ SELECT count(*) FROM users",
+        "WITH n AS (SELECT count(*) AS c FROM users) SELECT c FROM n",
+    ],
+)
+async def test_text_reads_behind_base_http_middleware_are_not_taken_for_writes(
+    db: Registry, engine: AsyncEngine, sql: str
+) -> None:
+    """Only reads in the handler's own task: the auto-commit has nothing to lose, even when
+    the SQL starts with a comment (query tags, commented SQL files)."""
+
+    async def handler(request: Request) -> Response:
+        return PlainTextResponse(str(await db.scalar(text(sql))))
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+                Middleware(Timing),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/")
+    assert app.errors == []
+    assert (response.status_code, response.text) == (200, "0")
+
+
+async def test_explain_analyze_of_an_insert_behind_base_http_middleware_is_a_write(
+    db: Registry, engine: AsyncEngine, backend: Backend
+) -> None:
+    """EXPLAIN ANALYZE runs its statement: on PostgreSQL it inserts, so it is lost work."""
+    if backend.is_sqlite:
+        pytest.skip("SQLite's EXPLAIN does not run the statement")
+
+    async def handler(request: Request) -> Response:
+        await db.execute(text("EXPLAIN ANALYZE INSERT INTO users (name) VALUES ('lost')"))
+        return PlainTextResponse("created", status_code=201)
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+                Middleware(Timing),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/")
+    assert response.status_code == 500
+    assert [type(e) for e in app.errors] == [UncommittedTaskWorkError]
     assert await names(db.session_factory) == []
 
 
