@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 
 __all__ = ["has_unsaved_writes", "note_flush", "note_write"]
 
-_READ_TEXT = re.compile(r"\s*\(?\s*(select|values|explain|show|table)\b", re.IGNORECASE)
-_WITH_TEXT = re.compile(r"\s*with\b", re.IGNORECASE)
+# leading whitespace, comments (``-- ...`` lines, ``/* ... */``) and opening parentheses
+_LEAD = r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*"
+_READ_TEXT = re.compile(_LEAD + r"(select|values|show|table)\b", re.IGNORECASE | re.DOTALL)
+# reads unless they name a DML verb: a CTE may hold one, EXPLAIN ANALYZE runs its statement
+_WITH_TEXT = re.compile(_LEAD + r"(with|explain)\b", re.IGNORECASE | re.DOTALL)
 _DML_WORD = re.compile(r"\b(insert|update|delete|merge)\b", re.IGNORECASE)
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from typing import Any, Final, Literal
 
 from ._errors import ScopeError, UncommittedTaskWorkError
@@ -304,11 +304,12 @@ async def _settle(plan: list[_RequestScope], status: int) -> None:
     (outermost middleware first): an error before the first commit leaves nothing committed.
     """
     sessions = [s for s in (request.session() for request in plan) if s is not None]
-    lost = [child for request in plan for child in request.unsaved_children()]
-    if lost:
-        raise UncommittedTaskWorkError(_lost_work_message(lost))
-    for request in plan:
-        request.probe_disconnect()
+    if status < 400:  # a 4xx/5xx rolls back anyway: a task's unsaved writes lose nothing
+        lost = [child for request in plan for child in request.unsaved_children()]
+        if lost:
+            raise UncommittedTaskWorkError(_lost_work_message(lost))
+        for request in plan:
+            await request.probe_disconnect()
     if status >= 400 or any(request.disconnected for request in plan):
         for session in sessions:
             await session.rollback()
@@ -353,7 +354,7 @@ class _RequestScope:
         self._owner = asyncio.current_task()
         self._receive: Receive | None = None
         self._body_read = False  # the app has received the request's last body message
-        self._replay: Message | None = None  # a message probe_disconnect() received
+        self._replay: asyncio.Task[Message] | None = None  # what probe_disconnect() took
         self.closed = False
         self.disconnected = False
 
@@ -376,7 +377,8 @@ class _RequestScope:
 
         async def receive_wrapper() -> Message:
             if self._replay is not None:
-                message, self._replay = self._replay, None
+                replay, self._replay = self._replay, None
+                message = replay.result()  # the message (or error) probe_disconnect() took
             else:
                 message = await receive()
             if message["type"] == "http.disconnect":
@@ -387,30 +389,40 @@ class _RequestScope:
 
         return receive_wrapper
 
-    def probe_disconnect(self) -> None:
+    async def probe_disconnect(self) -> None:
         """Learn, without waiting, whether the client has gone: before an auto-commit.
 
         Servers that do not cancel the app on a disconnect (uvicorn) tell it only through
         ``receive()``, which a handler that has read its body no longer calls; the
         middleware would then commit the work of a request whose client left. Once the
         body has been read, the next message can only be ``http.disconnect``: ``receive()``
-        is started and given one step. A server that knows the client left answers at once
-        (uvicorn does); otherwise the call suspends and is closed unfinished, having taken
-        no message. A message taken is given to the app at its next ``receive()``.
+        runs in a task of its own for one turn of the event loop. A server that knows the
+        client left answers at once (uvicorn does); otherwise the task is cancelled, having
+        taken no message. A message (or error) taken is the app's next ``receive()``.
+
+        A task, not a coroutine stepped by hand: ``receive`` may be anything awaitable (an
+        outer middleware's wrapper, a ``BaseHTTPMiddleware``'s, which enters an anyio task
+        group that must be left by a task, not by ``close()``).
         """
         if self.disconnected or not self._body_read or self._receive is None:
             return
-        call = self._receive()
-        if not isinstance(call, Coroutine):
-            return
+        receive = self._receive
+
+        async def one() -> Message:
+            return await receive()
+
+        probe = asyncio.get_running_loop().create_task(one())
         try:
-            call.send(None)
-        except StopIteration as done:
-            message: Message = done.value
-            self._replay = message
-            self.disconnected = message["type"] == "http.disconnect"
-            return
-        call.close()  # suspended: nothing received, the client is (still) there
+            await asyncio.sleep(0)  # the probe's first step runs before we resume
+        finally:
+            if not probe.done():
+                probe.cancel()
+                await asyncio.wait([probe])
+        if probe.cancelled():
+            return  # suspended: nothing received, the client is (still) there
+        self._replay = probe
+        exc = probe.exception()
+        self.disconnected = exc is None and probe.result()["type"] == "http.disconnect"
 
     async def finish(self) -> None:
         """The response is complete: end the request's unit of work now."""

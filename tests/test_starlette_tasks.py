@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
@@ -30,7 +31,7 @@ import asyncorm
 from asyncorm import AsyncSession, ScopeError, UncommittedTaskWorkError, async_scoped_session
 from asyncorm.fastapi import session_dependency
 from asyncorm.starlette import DEFAULT_READ_ONLY_METHODS, SessionMiddleware
-from tests.conftest import reset_schema
+from tests.conftest import Backend, reset_schema
 from tests.models import User
 from tests.test_starlette import names, serve
 
@@ -118,6 +119,94 @@ async def test_writes_in_a_handler_behind_base_http_middleware_give_500_not_a_si
     assert "Nothing was committed: the request is answered 500" in message
 
 
+async def test_a_4xx_behind_base_http_middleware_stays_a_4xx_with_writes_left(
+    db: Registry, engine: AsyncEngine
+) -> None:
+    """A 4xx is rolled back anyway: a task's uncommitted writes lose nothing there, so they
+    must not turn the handler's 404 into UncommittedTaskWorkError's 500."""
+
+    async def handler(request: Request) -> Response:
+        db.add(User(name="dropped"))
+        await db.flush()
+        raise HTTPException(404, "no such owner")
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+                Middleware(Timing),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/")
+    assert (response.status_code, response.text) == (404, "no such owner")
+    assert app.errors == []
+    assert await names(db.session_factory) == []
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT count(*) FROM users",
+        "-- how many\nSELECT count(*) FROM users",
+        "/* how many */ SELECT count(*) FROM users",
+        "/* a */ -- b\n  /* c */ SELECT count(*) FROM users",
+        "WITH n AS (SELECT count(*) AS c FROM users) SELECT c FROM n",
+    ],
+)
+async def test_text_reads_behind_base_http_middleware_are_not_taken_for_writes(
+    db: Registry, engine: AsyncEngine, sql: str
+) -> None:
+    """Only reads in the handler's own task: the auto-commit has nothing to lose, even when
+    the SQL starts with a comment (query tags, commented SQL files)."""
+
+    async def handler(request: Request) -> Response:
+        return PlainTextResponse(str(await db.scalar(text(sql))))
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+                Middleware(Timing),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/")
+    assert app.errors == []
+    assert (response.status_code, response.text) == (200, "0")
+
+
+async def test_explain_analyze_of_an_insert_behind_base_http_middleware_is_a_write(
+    db: Registry, engine: AsyncEngine, backend: Backend
+) -> None:
+    """EXPLAIN ANALYZE runs its statement: on PostgreSQL it inserts, so it is lost work."""
+    if backend.is_sqlite:
+        pytest.skip("SQLite's EXPLAIN does not run the statement")
+
+    async def handler(request: Request) -> Response:
+        await db.execute(text("EXPLAIN ANALYZE INSERT INTO users (name) VALUES ('lost')"))
+        return PlainTextResponse("created", status_code=201)
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+                Middleware(Timing),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/")
+    assert response.status_code == 500
+    assert [type(e) for e in app.errors] == [UncommittedTaskWorkError]
+    assert await names(db.session_factory) == []
+
+
 async def test_handler_behind_base_http_middleware_that_commits_itself_is_fine(
     db: Registry, engine: AsyncEngine
 ) -> None:
@@ -154,6 +243,33 @@ async def test_session_middleware_inside_base_http_middleware_commits(
     )
     async with serve(app) as client:
         response = await client.post("/")
+    assert (response.status_code, response.headers["x-timing"]) == (201, "1")
+    assert await names(db.session_factory) == ["kept"]
+
+
+async def test_session_middleware_inside_base_http_middleware_commits_after_a_body_read(
+    db: Registry, engine: AsyncEngine
+) -> None:
+    """The disconnect probe before the auto-commit calls the BaseHTTPMiddleware's receive,
+    which enters an anyio task group: it must run in a task, not be stepped and closed by
+    hand (that broke the task group: 500 for every request that had read its body)."""
+
+    async def handler(request: Request) -> Response:
+        db.add(User(name=(await request.body()).decode()))
+        return PlainTextResponse("created", status_code=201)
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[
+                Middleware(Timing),
+                Middleware(SessionMiddleware, registry=db, commit="auto"),
+            ],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/", content=b"kept")
+    assert app.errors == []
     assert (response.status_code, response.headers["x-timing"]) == (201, "1")
     assert await names(db.session_factory) == ["kept"]
 
