@@ -56,6 +56,7 @@ class _ScopeContext(Generic[_AS]):
         "_children",
         "_ended",
         "_kwargs",
+        "_lost",
         "_owner",
         "_registry",
         "_session",
@@ -77,6 +78,8 @@ class _ScopeContext(Generic[_AS]):
         self._ended = False  # its unit of work was ended from another task: end_elsewhere()
         # sessions of tasks spawned inside this scope (registry rule 3), while they run
         self._children: dict[_Tracker, asyncio.Task[Any]] = {}
+        # those that ended with writes left uncommitted in their session (rolled back)
+        self._lost: list[tuple[asyncio.Task[Any], _Site]] = []
 
     def __repr__(self) -> str:
         owner = f" in task {self._owner.get_name()!r}" if self._owner is not None else ""
@@ -146,6 +149,7 @@ class _ScopeContext(Generic[_AS]):
         session, tracker = self._session, self._tracker
         self._session = self._tracker = None
         self._children.clear()
+        self._lost.clear()
         try:
             if session is not None and tracker is not None:
                 await registry._close(session, tracker)
@@ -188,15 +192,25 @@ class _ScopeContext(Generic[_AS]):
 
     def _forget_child(self, tracker: _Tracker, task: asyncio.Task[Any]) -> None:
         self._children.pop(tracker, None)
+        # runs after the registry's own done callback, which only schedules the close: the
+        # session still shows what the task left uncommitted
+        session = tracker()
+        if (
+            self._state is _OPEN
+            and session is not None
+            and tracker in self._registry._live
+            and has_unsaved_writes(session)
+        ):
+            self._lost.append((task, tracker.site))
 
     def unsaved_children(self) -> list[tuple[asyncio.Task[Any], _Site]]:
-        """Running tasks spawned inside this scope whose own session holds unsaved writes.
+        """Tasks spawned inside this scope whose own session held or holds unsaved writes.
 
-        Their work is rolled back when they end (registry rule 3): nothing that ends this
-        scope can commit it.
+        Those that ended left them to be rolled back; those still running will, when they
+        end (registry rule 3): nothing that ends this scope can commit that work.
         """
         live = self._registry._live
-        found: list[tuple[asyncio.Task[Any], _Site]] = []
+        found: list[tuple[asyncio.Task[Any], _Site]] = list(self._lost)
         for tracker, task in self._children.items():
             session = tracker()
             if task.done() or tracker not in live or session is None:
@@ -268,4 +282,20 @@ def _strict_message(task: asyncio.Task[Any], scope: _Scope[Any] | None) -> str:
         f"db() was called {where}, and the registry is strict. Open a scope in this task: "
         f"`async with db.scope():`, decorate the coroutine with `@db.scoped`, or install "
         f"the framework middleware."
+    )
+
+
+def lost_work_message(lost: list[tuple[asyncio.Task[Any], _Site]], how_it_happened: str) -> str:
+    """The message of :class:`~asyncorm.UncommittedTaskWorkError` for the tasks ``lost``."""
+    tasks = ", ".join(
+        f"task {task.get_name()!r} (its session created at {file}:{line} in {function}())"
+        for task, (file, line, function) in lost
+    )
+    return (
+        f"The request's auto-commit cannot commit the uncommitted writes of {tasks}: that "
+        f"task runs inside the request but is not the request's task, so db() there is the "
+        f"task's own session, rolled back when the task ends (a sub-task gathered by the "
+        f"handler: commit in it, or pass it the request's session). {how_it_happened}A task "
+        f"that outlives the request should open its own scope (@db.scoped). Nothing was "
+        f"committed: the request is answered 500."
     )

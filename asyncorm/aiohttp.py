@@ -35,7 +35,9 @@ from typing import Any, Final, Literal
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from ._errors import UncommittedTaskWorkError
 from ._registry import async_scoped_session
+from ._scope import _ScopeContext, lost_work_message
 
 __all__ = ["READ_ONLY_METHODS", "REGISTRY_KEY", "setup"]
 
@@ -70,11 +72,17 @@ class _Policy:
         return user
 
 
-async def _commit(registry: async_scoped_session[Any], request: web.Request) -> None:
+async def _commit(
+    registry: async_scoped_session[Any], request: web.Request, scope: _ScopeContext[Any]
+) -> None:
     """Commit the current task's (the request's) session when it has anything to commit,
-    unless the client is gone: then nothing is committed (the scope rolls back)."""
+    unless the client is gone: then nothing is committed (the scope rolls back). Writes left
+    uncommitted by tasks the handler spawned (their own sessions, rolled back) are lost
+    work: :class:`~asyncorm.UncommittedTaskWorkError`, nothing committed, a 500."""
     if _client_gone(request):
         return
+    if lost := scope.unsaved_children():
+        raise UncommittedTaskWorkError(lost_work_message(lost, ""))
     session: AsyncSession = registry()
     if session.in_transaction() or session.new or session.deleted or session.dirty:
         await session.commit()
@@ -161,19 +169,20 @@ def _make_middleware(policy: _Policy) -> Any:
     async def asyncorm_scope(
         request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
-        async with registry.scope(**policy.kwargs_for(request)):
+        scope = registry.scope(**policy.kwargs_for(request))
+        async with scope:
             try:
                 response: web.StreamResponse = await handler(request)
             except web.HTTPException as exc:
                 if policy.auto and exc.status < 400:  # HTTPFound and friends
-                    await _commit(registry, request)
+                    await _commit(registry, request, scope)
                 raise
             if policy.auto and response.status < 400:
                 # Not prepared yet (a web.Response): aiohttp sends it after we return, so a
                 # failing commit becomes a 500. Prepared by the handler (streamed, websocket):
                 # its headers are out; a failing commit makes aiohttp drop the connection.
                 # A client that disconnected meanwhile gets nothing committed.
-                await _commit(registry, request)
+                await _commit(registry, request, scope)
             return response
 
     return asyncorm_scope

@@ -42,7 +42,7 @@ from typing import Any, Final, Literal
 
 from ._errors import ScopeError, UncommittedTaskWorkError
 from ._registry import async_scoped_session
-from ._scope import _ScopeContext
+from ._scope import _ScopeContext, lost_work_message
 from ._session import AsyncSession
 
 __all__ = ["SessionMiddleware"]
@@ -324,19 +324,11 @@ async def _settle(plan: list[_RequestScope], status: int) -> None:
 
 
 def _lost_work_message(lost: list[tuple[asyncio.Task[Any], tuple[str, int, str]]]) -> str:
-    tasks = ", ".join(
-        f"task {task.get_name()!r} (its session created at {file}:{line} in {function}())"
-        for task, (file, line, function) in lost
-    )
-    return (
-        f"The request's auto-commit cannot commit the uncommitted writes of {tasks}: that "
-        f"task runs inside the request but is not the request's task, so db() there is the "
-        f"task's own session, rolled back when the task ends. A handler runs in a task of "
-        f"its own when a BaseHTTPMiddleware (@app.middleware('http')) sits inside "
-        f"SessionMiddleware: put SessionMiddleware inside every BaseHTTPMiddleware (after it "
-        f"in middleware=[...]), or use pure ASGI middleware, or commit in that task "
-        f"(await db.commit()); a task that outlives the request should open its own scope "
-        f"(@db.scoped). Nothing was committed: the request is answered 500."
+    return lost_work_message(
+        lost,
+        "A handler runs in a task of its own when a BaseHTTPMiddleware "
+        "(@app.middleware('http')) sits inside SessionMiddleware: put SessionMiddleware inside "
+        "every BaseHTTPMiddleware (after it in middleware=[...]), or use pure ASGI middleware. ",
     )
 
 

@@ -427,6 +427,41 @@ async def test_spawned_tasks_get_sessions_of_their_own(
     assert await user_names(engine) == {"request", "background"}
 
 
+@pytest.mark.parametrize("commits", [False, True], ids=["left-uncommitted", "committed"])
+async def test_gathered_sub_tasks_that_ended_with_uncommitted_writes_give_500(
+    db: Registry, engine: AsyncEngine, backend: Backend, commits: bool
+) -> None:
+    """Writes a gathered sub-task leaves uncommitted in its own session are rolled back when
+    it ends: under commit='auto' the request fails (500), never a 201 with half the work."""
+
+    async def sub(n: int) -> None:
+        db.add(User(name=f"sub{n}"))
+        await db.flush()
+        if commits:
+            await db.commit()
+
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.gather(sub(1), sub(2))
+        db.add(User(name="main"))
+        return web.Response(status=201)
+
+    app = web.Application()
+    tracker = Tracker(app)
+    app.router.add_post("/gather", handler)
+    asyncorm.aiohttp.setup(app, db, commit="auto")
+    async with serve(app) as url, aiohttp.ClientSession(url) as client:
+        async with client.post("/gather") as response:
+            assert response.status == (201 if commits else 500)
+        await tracker.done["/gather"].wait()
+        await assert_nothing_open(db, engine, backend)
+    if commits:
+        assert await user_names(engine) == {"main", "sub1", "sub2"}
+        return
+    assert await user_names(engine) == set()
+    with pytest.raises(asyncorm.UncommittedTaskWorkError, match="a sub-task gathered by"):
+        raise tracker.errors["/gather"]
+
+
 async def test_websocket_uses_one_session_across_messages(
     db: Registry, engine: AsyncEngine, backend: Backend
 ) -> None:

@@ -119,6 +119,45 @@ async def test_writes_in_a_handler_behind_base_http_middleware_give_500_not_a_si
     assert "Nothing was committed: the request is answered 500" in message
 
 
+@pytest.mark.parametrize("commits", [False, True], ids=["left-uncommitted", "committed"])
+async def test_gathered_sub_tasks_that_ended_with_uncommitted_writes_give_500(
+    db: Registry, engine: AsyncEngine, commits: bool
+) -> None:
+    """Sub-tasks the handler gathers have sessions of their own (registry rule 3); writes
+    they leave uncommitted are rolled back when they end, before the response starts. Under
+    commit='auto' that is lost work: a 500, never a 201 with only the handler's row saved."""
+
+    async def sub(n: int) -> None:
+        db.add(User(name=f"sub{n}"))
+        await db.flush()
+        if commits:
+            await db.commit()
+
+    async def handler(request: Request) -> Response:
+        await asyncio.gather(sub(1), sub(2))  # both have ended when the response starts
+        db.add(User(name="main"))
+        return PlainTextResponse("created", status_code=201)
+
+    app = Recorder(
+        Starlette(
+            routes=[Route("/", handler, methods=["POST"])],
+            middleware=[Middleware(SessionMiddleware, registry=db, commit="auto")],
+        )
+    )
+    async with serve(app) as client:
+        response = await client.post("/")
+    if commits:
+        assert response.status_code == 201
+        assert await names(db.session_factory) == ["main", "sub1", "sub2"]
+        assert app.errors == []
+        return
+    assert response.status_code == 500
+    assert await names(db.session_factory) == []
+    with pytest.raises(UncommittedTaskWorkError, match="a sub-task gathered by the handler"):
+        raise app.errors[0]
+    assert str(app.errors[0]).count("(its session created at") == 2
+
+
 async def test_a_4xx_behind_base_http_middleware_stays_a_4xx_with_writes_left(
     db: Registry, engine: AsyncEngine
 ) -> None:
