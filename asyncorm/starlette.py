@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import warnings
 from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from typing import Any, Final, Literal
 
@@ -105,6 +106,10 @@ class SessionMiddleware:
     Websockets get one scope for the whole connection and no commit policy: commit in the
     handler.
 
+    ``lifespan.shutdown`` reaches the app once this middleware's requests have ended (a
+    server whose graceful shutdown timed out has cancelled them; they roll back first), or
+    after ``shutdown_timeout`` seconds with a ``RuntimeWarning`` naming those still running.
+
     Example::
 
         from starlette.applications import Starlette
@@ -127,6 +132,7 @@ class SessionMiddleware:
         commit: Literal["auto"] | None = None,
         read_only_methods: Collection[str] | None = None,
         session_kwargs: Mapping[str, Any] | None = None,
+        shutdown_timeout: float = 30.0,
     ) -> None:
         if commit not in (None, "auto"):
             raise ValueError(
@@ -148,6 +154,7 @@ class SessionMiddleware:
         self._call = registry.scoped(self._serve)
         # the tasks serving a request or websocket now: lifespan shutdown waits for them
         self._serving: set[asyncio.Task[Any]] = set()
+        self.shutdown_timeout = shutdown_timeout
 
     def _kwargs_for(self, scope: Scope) -> dict[str, Any]:
         kwargs = dict(self.session_kwargs or {})
@@ -189,13 +196,31 @@ class SessionMiddleware:
         async def lifespan_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
-                loop = asyncio.get_running_loop()
-                while pending := [t for t in self._serving if t.get_loop() is loop]:
-                    await asyncio.wait(pending)
-                await self.registry.wait_closed()
+                await self._requests_ended()
             return message
 
         return lifespan_receive
+
+    async def _requests_ended(self) -> None:
+        """Wait for this middleware's request tasks, at most ``shutdown_timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        while pending := [t for t in self._serving if t.get_loop() is loop]:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                names = ", ".join(repr(t.get_name()) for t in pending)
+                warnings.warn(
+                    f"SessionMiddleware: {len(pending)} request task(s) ({names}) were still "
+                    f"running {self.shutdown_timeout:g} s after lifespan.shutdown (a task that "
+                    f"ignored its cancellation?); the app's shutdown goes on, and their "
+                    f"sessions' connections may never be closed. Raise shutdown_timeout, or "
+                    f"let cancelled handlers end.",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
+                return
+            await asyncio.wait(pending, timeout=remaining)
+        await self.registry.wait_closed()
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = _RequestScope(self.registry, self.registry.scope(**self._kwargs_for(scope)))

@@ -195,6 +195,56 @@ async def test_client_disconnect_mid_request_rolls_back_and_returns_the_connecti
     assert await names(db.session_factory) == []
 
 
+async def test_shutdown_waits_for_requests_at_most_shutdown_timeout(
+    db: Registry, engine: AsyncEngine
+) -> None:
+    """A handler that swallows its cancellation cannot hold the app's shutdown forever."""
+    entered, release, shutdown_ran = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def stubborn(request: Request) -> Response:
+        entered.set()
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            await release.wait()  # ignores the server's cancellation
+        return PlainTextResponse("late")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        shutdown_ran.set()
+
+    app = Starlette(
+        routes=[Route("/", stubborn)],
+        middleware=[Middleware(SessionMiddleware, registry=db, shutdown_timeout=0.2)],
+        lifespan=lifespan,
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=0)
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        async with httpx.AsyncClient(base_url=url) as client:
+            request = asyncio.create_task(client.get("/"))
+            async with asyncio.timeout(10):
+                await entered.wait()
+            server.should_exit = True
+            # the app's shutdown runs while the handler is still stuck
+            with pytest.warns(RuntimeWarning, match=r"1 request task\(s\) .* still running"):
+                await asyncio.wait_for(shutdown_ran.wait(), 30)
+            release.set()
+            await asyncio.gather(request, return_exceptions=True)
+    finally:
+        release.set()
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
 def noticing_protocol(http: str, lost: asyncio.Event) -> type[asyncio.Protocol]:
     """uvicorn's ``http`` protocol class, setting ``lost`` when a client connection is lost."""
     base: type[Any]
