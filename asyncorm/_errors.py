@@ -255,6 +255,16 @@ class TransactionalUnitError(AsyncORMError, sa_exc.InvalidRequestError):
     """
 
 
+def commit_in_unit_error(name: str) -> TransactionalUnitError:
+    """The error for a commit requested inside the transactional unit ``name``."""
+    return TransactionalUnitError(
+        f"A commit was requested inside the transactional unit {name}(), which commits when "
+        f"{name}() returns. A commit in the middle would make a retry apply the committed "
+        f"part twice; nothing was committed. Remove the commit, or split the work into two "
+        f"units called one after the other."
+    )
+
+
 class PoolTimeoutError(AsyncORMError, sa_exc.TimeoutError):
     """No pooled connection came free within the engine's ``pool_timeout``.
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from ._cancellation import deliver_later, hold_cancellations
+from ._lazyload import SyncSession
 from ._retry import Backoff, is_retryable
 from ._session import AsyncSession
 
@@ -249,9 +250,12 @@ async def _attempt(
     try:
         try:
             await _begin(session, s)
-            session._asyncorm_unit = name
+            _mark(session, name)
             result = await call(session)
-            session._asyncorm_unit = None
+            _mark(session, None)
+            # the function has returned: an on_commit callback calling a unit runs it in a
+            # transaction of its own, not in a savepoint of this committed one (lost)
+            _reset(token)
             await session._commit_holding(held)
         except BaseException:
             _reset(token)
@@ -264,6 +268,15 @@ async def _attempt(
     finally:
         _reset(token)
         deliver_later(held)
+
+
+def _mark(session: AsyncSession, name: str | None) -> None:
+    """Name the unit whose function runs in ``session``: its commits are refused, the
+    awaitable ones (``_session``) and the sync session's own (``run_sync``)."""
+    session._asyncorm_unit = name
+    sync = session.sync_session
+    if isinstance(sync, SyncSession):
+        sync._asyncorm_unit = name
 
 
 def _reset(token: Token[_Unit | None]) -> None:
