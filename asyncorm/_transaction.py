@@ -259,7 +259,15 @@ async def _attempt(
             await session._commit_holding(held)
         except BaseException:
             _reset(token)
-            await close()  # rolls back, to completion
+            try:
+                # roll back before closing: objects this attempt flushed go back to being
+                # new (and those it changed are expired), so that a retry adding them again
+                # INSERTs them; close() alone detaches them with their identity keys first,
+                # and a retry's add() would then take them as rows that exist
+                with contextlib.suppress(Exception):  # close() ends the transaction anyway
+                    await session.rollback()
+            finally:
+                await close()  # to completion
             raise
         _reset(token)
         # committed: nothing after COMMIT may report the unit as cancelled

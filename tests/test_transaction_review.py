@@ -5,18 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncorm
 from tests.conftest import Backend
-from tests.models import Account
+from tests.models import Account, User
 from tests.transaction_helpers import (
+    SERIALIZATION_FAILURE,
     Registry,
     SessionFactory,
     balances,
     open_engine,
     seed_accounts,
 )
+
+FAST = asyncorm.Backoff(initial=0.001, maximum=0.01)
 
 
 @pytest.fixture
@@ -96,3 +100,81 @@ async def test_a_sync_commit_through_run_sync_is_refused_inside_a_unit(
 
     await fine()  # the unit's own commit goes through
     assert await balances(Session) == [2]
+
+
+async def _retryable_failure(backend: Backend, db: Registry | asyncorm.AsyncSession) -> None:
+    if backend.is_sqlite:  # SQLite has none once the unit holds the write lock: made here
+        raise asyncorm.WriteConflictError("stale (raised by the test)", None, None, OSError())
+    await db.execute(SERIALIZATION_FAILURE)
+
+
+async def test_an_object_from_outside_flushed_by_a_failed_attempt_is_inserted_by_the_retry(
+    backend: Backend, db: Registry, Session: SessionFactory
+) -> None:
+    """Attempt 1 adds and flushes an object made by the caller, then fails retryably;
+    attempt 2 adds it again and must INSERT it. Closing the failed attempt's session before
+    rolling it back detached the object with its identity key: attempt 2 took it for an
+    existing row, inserted nothing and committed (the row silently lost)."""
+    user = User(name="ann")
+    attempts = 0
+
+    @db.transactional(backoff=FAST)
+    async def create(new: User) -> None:
+        nonlocal attempts
+        attempts += 1
+        db.add(new)
+        await db.flush()
+        if attempts == 1:
+            await _retryable_failure(backend, db)
+
+    await create(user)
+    async with Session() as session:
+        names = list(await session.scalars(select(User.name)))
+    assert (attempts, names) == (2, ["ann"])
+
+
+async def test_a_factory_unit_retry_inserts_an_object_a_failed_attempt_flushed(
+    backend: Backend, Session: SessionFactory
+) -> None:
+    user = User(name="ann")
+    attempts = 0
+
+    @asyncorm.transactional(Session, backoff=FAST)
+    async def create(session: asyncorm.AsyncSession, new: User) -> None:
+        nonlocal attempts
+        attempts += 1
+        session.add(new)
+        await session.flush()
+        if attempts == 1:
+            await _retryable_failure(backend, session)
+
+    await create(user)
+    async with Session() as session:
+        names = list(await session.scalars(select(User.name)))
+    assert (attempts, names) == (2, ["ann"])
+
+
+async def test_an_object_from_outside_changed_by_a_failed_attempt_is_not_changed_twice(
+    backend: Backend, db: Registry, Session: SessionFactory
+) -> None:
+    """Attempt 1 increments an object loaded by the caller and flushes, then fails: the
+    value it flushed must not carry into attempt 2 (it did: one increment ended as 2).
+    Rolled back, the object is expired, so attempt 2 reading it is told to load it."""
+    await seed_accounts(Session, 0)
+    async with Session() as session:
+        account = await session.get_one(Account, 1)
+    attempts = 0
+
+    @db.transactional(backoff=FAST)
+    async def deposit(acc: Account) -> None:
+        nonlocal attempts
+        attempts += 1
+        db.add(acc)
+        acc.balance += 1
+        await db.flush()
+        if attempts == 1:
+            await _retryable_failure(backend, db)
+
+    with pytest.raises(asyncorm.LazyLoadError, match="balance"):
+        await deposit(account)
+    assert (attempts, await balances(Session)) == (2, [0])
