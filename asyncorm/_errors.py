@@ -236,7 +236,8 @@ class OnCommitError(AsyncORMError, RuntimeError):
 
 
 class TransactionalUnitError(AsyncORMError, sa_exc.InvalidRequestError):
-    """A ``transactional`` unit's function asked for a commit of its own.
+    """A ``transactional`` unit's function asked for a commit of its own (or the unit's
+    engine is in AUTOCOMMIT, where every statement commits at once).
 
     A unit (``@db.transactional``, ``asyncorm.transactional(Session)``) commits when its
     function returns, and may run the function again after a retryable error; a commit in

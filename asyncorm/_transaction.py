@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from ._cancellation import deliver_later, hold_cancellations
+from ._errors import TransactionalUnitError
 from ._lazyload import SyncSession
 from ._retry import Backoff, is_retryable
 from ._session import AsyncSession
@@ -249,7 +250,7 @@ async def _attempt(
     token = _current.set(_Unit(task, key, session, s))
     try:
         try:
-            await _begin(session, s)
+            await _begin(session, s, name)
             _mark(session, name)
             result = await call(session)
             _mark(session, None)
@@ -292,11 +293,21 @@ def _reset(token: Token[_Unit | None]) -> None:
         _current.reset(token)
 
 
-async def _begin(session: AsyncSession, s: Settings) -> None:
+async def _begin(session: AsyncSession, s: Settings, name: str) -> None:
     """Give the attempt's transaction its isolation level: on PostgreSQL the connection's
     ``isolation_level`` and ``postgresql_deferrable`` options, so that BEGIN names them before
     the first statement (never deferred); on SQLite, through the session's arguments."""
     level = s.isolation_level
+    if _autocommit(session) and (level is None or _dialect_name(session) == "sqlite"):
+        raise TransactionalUnitError(
+            f"{name}() is a transactional unit, and its session's engine runs every "
+            f"statement in a transaction of its own (isolation_level='AUTOCOMMIT'): the unit "
+            f"would not be one transaction, and a retry would apply the statements committed "
+            f"before the error twice. Give the unit's sessions an engine without "
+            f"isolation_level='AUTOCOMMIT'"
+            + ("" if level is not None else ", or name the unit's isolation_level (PostgreSQL)")
+            + "."
+        )
     if level is None and not s.deferrable:
         return
     dialect = _dialect_name(session)
@@ -314,6 +325,19 @@ async def _begin(session: AsyncSession, s: Settings) -> None:
     if s.deferrable and dialect == "postgresql":
         options["postgresql_deferrable"] = True
     await session.connection(execution_options=options)
+
+
+def _autocommit(session: AsyncSession) -> bool:
+    """Whether the session's bind is in AUTOCOMMIT: through its execution options, or set on
+    each connection as it connects (``create_engine(isolation_level="AUTOCOMMIT")``, which
+    SQLAlchemy's ``Connection`` consults the same way)."""
+    try:
+        bind = session.sync_session.get_bind()
+    except Exception:
+        return False  # bound per mapper or table: not known before the first statement
+    if bind.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return True
+    return getattr(bind.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT"
 
 
 def _dialect_name(session: AsyncSession) -> str | None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncorm
-from tests.conftest import Backend
+from tests.conftest import Backend, reset_schema
 from tests.models import Account, User
 from tests.transaction_helpers import (
     SERIALIZATION_FAILURE,
@@ -178,3 +178,44 @@ async def test_an_object_from_outside_changed_by_a_failed_attempt_is_not_changed
     with pytest.raises(asyncorm.LazyLoadError, match="balance"):
         await deposit(account)
     assert (attempts, await balances(Session)) == (2, [0])
+
+
+@pytest.mark.parametrize("where", ["create_engine", "execution_options"])
+async def test_a_unit_refuses_an_autocommit_engine(backend: Backend, where: str) -> None:
+    """On an AUTOCOMMIT engine each statement committed at once: a unit failing after an
+    UPDATE was retried and applied the UPDATE twice. It is refused before the function runs."""
+    if where == "create_engine":
+        engine = asyncorm.create_engine(backend.url, isolation_level="AUTOCOMMIT")
+        bind = engine
+    else:
+        engine = asyncorm.create_engine(backend.url)
+        bind = engine.execution_options(isolation_level="AUTOCOMMIT")
+    await reset_schema(engine)
+    try:
+        Session = asyncorm.async_sessionmaker(bind)
+        await seed_accounts(Session, 0)
+        attempts = 0
+
+        @asyncorm.transactional(Session, backoff=FAST)
+        async def deposit(session: asyncorm.AsyncSession) -> None:
+            nonlocal attempts
+            attempts += 1
+            await session.execute(update(Account).values(balance=Account.balance + 1))
+            if attempts == 1:
+                await _retryable_failure(backend, session)
+
+        with pytest.raises(asyncorm.TransactionalUnitError, match=r"deposit\(\).*AUTOCOMMIT"):
+            await deposit()
+        assert (attempts, await balances(Session)) == (0, [0])
+        if backend.is_sqlite:
+            return
+
+        # PostgreSQL: a unit naming its isolation level is one transaction on that engine
+        @asyncorm.transactional(Session, backoff=FAST, isolation_level="READ COMMITTED")
+        async def named(session: asyncorm.AsyncSession) -> None:
+            await deposit.__wrapped__(session)  # type: ignore[attr-defined]
+
+        await named()
+        assert (attempts, await balances(Session)) == (2, [1])
+    finally:
+        await engine.dispose()
