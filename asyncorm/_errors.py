@@ -266,6 +266,16 @@ def commit_in_unit_error(name: str) -> TransactionalUnitError:
     )
 
 
+def close_in_unit_error(name: str, call: str) -> TransactionalUnitError:
+    """The error for a close (``call``) requested inside the transactional unit ``name``."""
+    return TransactionalUnitError(
+        f"{call} was called inside the transactional unit {name}(), which commits its "
+        f"session when {name}() returns: closing it now would roll the unit's work back, "
+        f"and the unit would return as if it had committed. Nothing was closed. Remove the "
+        f"call: the unit closes its session itself."
+    )
+
+
 class PoolTimeoutError(AsyncORMError, sa_exc.TimeoutError):
     """No pooled connection came free within the engine's ``pool_timeout``.
 

@@ -19,7 +19,7 @@ from ._cancellation import (
     hold_cancellations,
     run_to_completion,
 )
-from ._errors import TransactionOutcomeUnknownError, commit_in_unit_error
+from ._errors import TransactionOutcomeUnknownError, close_in_unit_error, commit_in_unit_error
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
@@ -260,10 +260,14 @@ class AsyncSession(sa_asyncio.AsyncSession):
 
         A cancellation arriving meanwhile is raised once the connection is back in the pool.
         """
+        if self._asyncorm_unit is not None:
+            raise close_in_unit_error(self._asyncorm_unit, "close()")
         await self._cleanup("close", _AsyncBase.close)
 
     async def reset(self) -> None:
         """As SQLAlchemy's ``reset()``, to completion even if the task is cancelled."""
+        if self._asyncorm_unit is not None:
+            raise close_in_unit_error(self._asyncorm_unit, "reset()")
         await self._cleanup("reset", _AsyncBase.reset)
 
     async def invalidate(self) -> None:

@@ -260,6 +260,7 @@ async def _attempt(
             await session._commit_holding(held)
         except BaseException:
             _reset(token)
+            _mark(session, None)
             try:
                 # roll back before closing: objects this attempt flushed go back to being
                 # new (and those it changed are expired), so that a retry adding them again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -219,3 +220,43 @@ async def test_a_unit_refuses_an_autocommit_engine(backend: Backend, where: str)
         assert (attempts, await balances(Session)) == (2, [1])
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("call", ["db.remove()", "close()", "reset()"])
+async def test_closing_the_units_session_inside_it_is_refused(
+    db: Registry, Session: SessionFactory, call: str
+) -> None:
+    """``await db.remove()`` (a habit from SQLAlchemy's scoped_session) or a close inside a
+    unit rolled its work back, and the unit returned as if it had committed."""
+    await seed_accounts(Session, 0)
+
+    @db.transactional
+    async def job() -> None:
+        (await db.get_one(Account, 1)).balance = 5
+        if call == "db.remove()":
+            await db.remove()
+        elif call == "close()":
+            await db.close()
+        else:
+            await db().reset()
+
+    with pytest.raises(asyncorm.TransactionalUnitError, match=rf"{re.escape(call)} was called"):
+        await job()
+    assert await balances(Session) == [0]
+
+    @db.transactional
+    async def fine() -> None:
+        (await db.get_one(Account, 1)).balance = 6
+
+    await fine()  # the unit's own close goes through, and so does a failed one's
+
+    @db.transactional
+    async def failing() -> None:
+        (await db.get_one(Account, 1)).balance = 7
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await failing()
+    assert await balances(Session) == [6]
+    async with db.scope():
+        await db.remove()  # outside a unit: as before
