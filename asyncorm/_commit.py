@@ -20,7 +20,7 @@ from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.orm import Session
 
 from ._cancellation import ending_may_suspend, hold_cancellations, run_to_completion
-from ._errors import TransactionalUnitError, TransactionOutcomeUnknownError
+from ._errors import TransactionOutcomeUnknownError, commit_in_unit_error
 from ._lazyload import SyncSession
 from ._oncommit import run_ready, take_ready
 
@@ -88,7 +88,7 @@ async def _commit_in_two_phases(
        (see :mod:`asyncorm._oncommit`).
     """
     if session._asyncorm_unit is not None:
-        raise _commit_in_unit(session._asyncorm_unit)
+        raise commit_in_unit_error(session._asyncorm_unit)
     task = asyncio.current_task()
     requested = task.cancelling() if task is not None else 0
     sync_session = session.sync_session
@@ -135,15 +135,6 @@ async def _commit_in_two_phases(
             cancelled = held[0]
             held.clear()
             raise cancelled from None
-
-
-def _commit_in_unit(name: str) -> TransactionalUnitError:
-    return TransactionalUnitError(
-        f"A commit was requested inside the transactional unit {name}(), which commits when "
-        f"{name}() returns. A commit in the middle would make a retry apply the committed "
-        f"part twice; nothing was committed. Remove the commit, or split the work into two "
-        f"units called one after the other."
-    )
 
 
 def _outcome_unknown(exc: BaseException) -> bool:

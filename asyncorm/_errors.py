@@ -236,7 +236,8 @@ class OnCommitError(AsyncORMError, RuntimeError):
 
 
 class TransactionalUnitError(AsyncORMError, sa_exc.InvalidRequestError):
-    """A ``transactional`` unit's function asked for a commit of its own.
+    """A ``transactional`` unit's function asked for a commit of its own (or the unit's
+    engine is in AUTOCOMMIT, where every statement commits at once).
 
     A unit (``@db.transactional``, ``asyncorm.transactional(Session)``) commits when its
     function returns, and may run the function again after a retryable error; a commit in
@@ -253,6 +254,26 @@ class TransactionalUnitError(AsyncORMError, sa_exc.InvalidRequestError):
 
     .. versionadded:: 0.2
     """
+
+
+def commit_in_unit_error(name: str) -> TransactionalUnitError:
+    """The error for a commit requested inside the transactional unit ``name``."""
+    return TransactionalUnitError(
+        f"A commit was requested inside the transactional unit {name}(), which commits when "
+        f"{name}() returns. A commit in the middle would make a retry apply the committed "
+        f"part twice; nothing was committed. Remove the commit, or split the work into two "
+        f"units called one after the other."
+    )
+
+
+def close_in_unit_error(name: str, call: str) -> TransactionalUnitError:
+    """The error for a close (``call``) requested inside the transactional unit ``name``."""
+    return TransactionalUnitError(
+        f"{call} was called inside the transactional unit {name}(), which commits its "
+        f"session when {name}() returns: closing it now would roll the unit's work back, "
+        f"and the unit would return as if it had committed. Nothing was closed. Remove the "
+        f"call: the unit closes its session itself."
+    )
 
 
 class PoolTimeoutError(AsyncORMError, sa_exc.TimeoutError):

@@ -25,7 +25,7 @@ from sqlalchemy.orm import ORMExecuteState, QueryableAttribute, RelationshipProp
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.util.concurrency import in_greenlet
 
-from ._errors import LazyLoadError
+from ._errors import LazyLoadError, commit_in_unit_error
 from ._unsaved import note_flush, note_write
 
 __all__ = ["SyncSession"]
@@ -42,6 +42,16 @@ class SyncSession(Session):
 
     _asyncorm_connections: list[Connection] | None = None
     """The Connections this session's transactions began with (``after_begin``)."""
+
+    _asyncorm_unit: str | None = None
+    """The transactional unit whose function runs in this session (see ``_transaction``):
+    a commit from inside it, e.g. through ``run_sync()``, is refused."""
+
+    def commit(self) -> None:
+        """SQLAlchemy's ``commit()``, refused inside a transactional unit's function."""
+        if self._asyncorm_unit is not None:
+            raise commit_in_unit_error(self._asyncorm_unit)
+        super().commit()
 
     def transaction_connections(self) -> list[Connection]:
         """The connections the current transaction began with (closed ones included)."""

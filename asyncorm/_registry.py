@@ -31,7 +31,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
 
 from ._cancellation import mark_cleanup_task
-from ._errors import NoSessionScopeError, ScopeError
+from ._errors import NoSessionScopeError, ScopeError, close_in_unit_error
 from ._proxy import install_session_proxies
 from ._scope import (
     _creation_site,
@@ -344,6 +344,9 @@ class async_scoped_session(_SessionAPI, Generic[_AS]):
             raise ScopeError(_no_task_message("db.remove()"))
         if scope is None or scope.owner is not task:
             return
+        current = scope.session if scope.frame is None else scope.frame._session
+        if current is not None and current._asyncorm_unit is not None:
+            raise close_in_unit_error(current._asyncorm_unit, "db.remove()")
         frame = scope.frame
         if frame is None:
             session, tracker = scope.session, scope.tracker

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Mapper, Session
 from ._begin import _BeginContext, _Transaction
 from ._cancellation import deliver_later
 from ._commit import _commit_in_two_phases, _to_completion
+from ._errors import close_in_unit_error
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
@@ -262,10 +263,14 @@ class AsyncSession(sa_asyncio.AsyncSession):
 
         A cancellation arriving meanwhile is raised once the connection is back in the pool.
         """
+        if self._asyncorm_unit is not None:
+            raise close_in_unit_error(self._asyncorm_unit, "close()")
         await self._cleanup("close", _AsyncBase.close)
 
     async def reset(self) -> None:
         """As SQLAlchemy's ``reset()``, to completion even if the task is cancelled."""
+        if self._asyncorm_unit is not None:
+            raise close_in_unit_error(self._asyncorm_unit, "reset()")
         await self._cleanup("reset", _AsyncBase.reset)
 
     async def invalidate(self) -> None:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from ._cancellation import deliver_later, hold_cancellations
+from ._errors import TransactionalUnitError
+from ._lazyload import SyncSession
 from ._retry import Backoff, is_retryable
 from ._session import AsyncSession
 
@@ -248,14 +250,26 @@ async def _attempt(
     token = _current.set(_Unit(task, key, session, s))
     try:
         try:
-            await _begin(session, s)
-            session._asyncorm_unit = name
+            await _begin(session, s, name)
+            _mark(session, name)
             result = await call(session)
-            session._asyncorm_unit = None
+            _mark(session, None)
+            # the function has returned: an on_commit callback calling a unit runs it in a
+            # transaction of its own, not in a savepoint of this committed one (lost)
+            _reset(token)
             await session._commit_holding(held)
         except BaseException:
             _reset(token)
-            await close()  # rolls back, to completion
+            _mark(session, None)
+            try:
+                # roll back before closing: objects this attempt flushed go back to being
+                # new (and those it changed are expired), so that a retry adding them again
+                # INSERTs them; close() alone detaches them with their identity keys first,
+                # and a retry's add() would then take them as rows that exist
+                with contextlib.suppress(Exception):  # close() ends the transaction anyway
+                    await session.rollback()
+            finally:
+                await close()  # to completion
             raise
         _reset(token)
         # committed: nothing after COMMIT may report the unit as cancelled
@@ -266,16 +280,35 @@ async def _attempt(
         deliver_later(held)
 
 
+def _mark(session: AsyncSession, name: str | None) -> None:
+    """Name the unit whose function runs in ``session``: its commits are refused, the
+    awaitable ones (``_session``) and the sync session's own (``run_sync``)."""
+    session._asyncorm_unit = name
+    sync = session.sync_session
+    if isinstance(sync, SyncSession):
+        sync._asyncorm_unit = name
+
+
 def _reset(token: Token[_Unit | None]) -> None:
     with contextlib.suppress(RuntimeError):  # reset already: a token is used once
         _current.reset(token)
 
 
-async def _begin(session: AsyncSession, s: Settings) -> None:
+async def _begin(session: AsyncSession, s: Settings, name: str) -> None:
     """Give the attempt's transaction its isolation level: on PostgreSQL the connection's
     ``isolation_level`` and ``postgresql_deferrable`` options, so that BEGIN names them before
     the first statement (never deferred); on SQLite, through the session's arguments."""
     level = s.isolation_level
+    if _autocommit(session) and (level is None or _dialect_name(session) == "sqlite"):
+        raise TransactionalUnitError(
+            f"{name}() is a transactional unit, and its session's engine runs every "
+            f"statement in a transaction of its own (isolation_level='AUTOCOMMIT'): the unit "
+            f"would not be one transaction, and a retry would apply the statements committed "
+            f"before the error twice. Give the unit's sessions an engine without "
+            f"isolation_level='AUTOCOMMIT'"
+            + ("" if level is not None else ", or name the unit's isolation_level (PostgreSQL)")
+            + "."
+        )
     if level is None and not s.deferrable:
         return
     dialect = _dialect_name(session)
@@ -293,6 +326,19 @@ async def _begin(session: AsyncSession, s: Settings) -> None:
     if s.deferrable and dialect == "postgresql":
         options["postgresql_deferrable"] = True
     await session.connection(execution_options=options)
+
+
+def _autocommit(session: AsyncSession) -> bool:
+    """Whether the session's bind is in AUTOCOMMIT: through its execution options, or set on
+    each connection as it connects (``create_engine(isolation_level="AUTOCOMMIT")``, which
+    SQLAlchemy's ``Connection`` consults the same way)."""
+    try:
+        bind = session.sync_session.get_bind()
+    except Exception:
+        return False  # bound per mapper or table: not known before the first statement
+    if bind.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return True
+    return getattr(bind.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT"
 
 
 def _dialect_name(session: AsyncSession) -> str | None:
