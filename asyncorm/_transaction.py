@@ -212,18 +212,36 @@ def _savepoint_of(
 ) -> tuple[AsyncSession, Settings | None] | None:
     """The session (and its unit's settings, if known) whose transaction a unit nests in."""
     unit = _current.get()
+    mine = unit if unit is not None and unit.owner is task else None
     if registry is None:
-        if unit is not None and unit.owner is task and unit.key is key:
-            return unit.session, unit.settings
-        return None
+        if mine is None:
+            return None
+        # the same factory, or a registry built on it: the unit's session is one it made
+        if mine.key is key or getattr(mine.key, "session_factory", None) is key:
+            return mine.session, mine.settings
+        raise TransactionalUnitError(_foreign_unit_message(mine))
     session = registry._peek(task)
+    if mine is not None and mine.session is session:
+        return mine.session, mine.settings
+    if mine is not None:
+        raise TransactionalUnitError(_foreign_unit_message(mine))
     if session is None:
         return None
-    if unit is not None and unit.owner is task and unit.session is session:
-        return session, unit.settings
     if session.in_transaction():
         return session, None
     return None
+
+
+def _foreign_unit_message(outer: _Unit) -> str:
+    marked = outer.session._asyncorm_unit
+    name = f"{marked}()" if marked else "the outer unit"
+    return (
+        f"A transactional unit was called inside the transactional unit {name}, but not "
+        f"on its session: it uses another registry or session factory (or runs in a scope "
+        f"opened inside the unit), so it would commit on its own, and a retry of {name} "
+        f"would apply that part twice. Nothing was committed. Call it with the outer unit's "
+        f"registry or factory (it then runs in a savepoint), or after {name} returns."
+    )
 
 
 async def _attempt(

@@ -479,6 +479,44 @@ async def test_the_plain_factory_variant_nests_as_a_savepoint(Session: SessionFa
 # -- nesting --------------------------------------------------------------------------------
 
 
+async def test_a_unit_of_another_factory_inside_a_unit_is_refused(
+    tx_engine: AsyncEngine, Session: SessionFactory, db: Registry
+) -> None:
+    """It would be a transaction of its own: committed by itself, applied twice when the
+    outer unit retries. With the registry's own factory it is a savepoint instead."""
+    await seed_accounts(Session, 0, 0)
+    other = asyncorm.async_sessionmaker(tx_engine)  # another factory, same database
+    calls = 0
+
+    @asyncorm.transactional(other)
+    async def credit_elsewhere(session: asyncorm.AsyncSession) -> None:
+        await session.execute(update(Account).where(Account.id == 2).values(balance=99))
+
+    @asyncorm.transactional(db.session_factory)
+    async def credit_same(session: asyncorm.AsyncSession) -> None:
+        assert session is db()  # nested in the outer unit's session
+        await session.execute(
+            update(Account).where(Account.id == 2).values(balance=Account.balance + 1)
+        )
+
+    @db.transactional(retries=1, backoff=FAST)
+    async def outer(inner: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await db.execute(
+            update(Account).where(Account.id == 1).values(balance=Account.balance + 1)
+        )
+        await inner()
+
+    with pytest.raises(asyncorm.TransactionalUnitError, match=r"inside the transactional unit .*"
+                       r"outer\(\), but not on its session.*apply that part twice"):
+        await outer(credit_elsewhere)
+    assert await balances(Session) == [0, 0]  # nothing committed, by either
+    await outer(credit_same)
+    assert await balances(Session) == [1, 1]
+
+
+
 async def test_a_nested_unit_is_a_savepoint_and_the_outer_unit_retries_the_whole(
     backend: Backend, db: Registry, Session: SessionFactory
 ) -> None:
