@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 import asyncorm
+from asyncorm import _pool as asyncorm_pool
 from tests.conftest import Backend
 
 
@@ -63,5 +65,86 @@ async def test_a_pool_the_user_chose_is_kept(backend: Backend) -> None:
     engine = asyncorm.create_engine(backend.url, poolclass=NullPool)
     try:
         assert type(engine.pool) is NullPool
+    finally:
+        await engine.dispose()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition`` holds (no timed sleep)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+async def test_waiting_tasks_are_served_first_come_first_served(backend: Backend) -> None:
+    """A task returning its connection and asking again at once queues behind the waiters.
+
+    SQLAlchemy's asyncio pool hands the returned connection back to the returning task
+    (it takes an idle one without looking at the waiters), so under a steady load a waiter
+    can be passed over until its pool_timeout.
+    """
+    engine = asyncorm.create_engine(backend.url, pool_size=1, max_overflow=0, pool_timeout=30)
+    pool = engine.pool
+    assert isinstance(pool.__dict__["_pool"], asyncorm_pool.FairQueue)
+    queue: asyncorm_pool.FairQueue = pool.__dict__["_pool"]
+    order: list[str] = []
+    done = {name: asyncio.Event() for name in ("b", "c")}
+
+    async def take(name: str) -> None:
+        async with engine.connect() as conn:
+            order.append(name)
+            await conn.scalar(text("SELECT 1"))
+        done[name].set()
+
+    try:
+        first = await engine.connect()
+        await first.scalar(text("SELECT 1"))
+        b = asyncio.create_task(take("b"))
+        await _until(lambda: queue.waiting() == 1)
+        c = asyncio.create_task(take("c"))
+        await _until(lambda: queue.waiting() == 2)
+        await first.close()
+        async with engine.connect() as again:  # straight back: must wait for b and c
+            order.append("a again")
+            assert await again.scalar(text("SELECT 2")) == 2
+        await asyncio.gather(b, c)
+        assert order == ["b", "c", "a again"]
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_waiter_that_gives_up_passes_its_connection_on(backend: Backend) -> None:
+    """A waiter cancelled or timed out leaves the line; a connection handed to it goes on."""
+    engine = asyncorm.create_engine(backend.url, pool_size=1, max_overflow=0, pool_timeout=0.05)
+    queue: asyncorm_pool.FairQueue = engine.pool.__dict__["_pool"]
+    try:
+        holder = await engine.connect()
+        await holder.scalar(text("SELECT 1"))
+        # timed out: an error that says what to do, and the line is empty again
+        with pytest.raises(asyncorm.PoolTimeoutError, match="came free within pool_timeout"):
+            await engine.connect()
+        assert queue.waiting() == 0
+        engine.pool._timeout = 30  # type: ignore[attr-defined]  # the rest wait as long as needed
+
+        async def wait_for_one() -> int:
+            async with engine.connect() as conn:
+                return int(await conn.scalar(text("SELECT 3")))
+
+        cancelled = asyncio.create_task(wait_for_one())
+        await _until(lambda: queue.waiting() == 1)
+        served = asyncio.create_task(wait_for_one())
+        await _until(lambda: queue.waiting() == 2)
+        # the connection is handed to the first waiter, which is cancelled before it runs:
+        # the connection must reach the second waiter, not get lost
+        await holder.close()
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await served == 3
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert queue.waiting() == 0
     finally:
         await engine.dispose()
