@@ -26,11 +26,11 @@ EXPECTED = {
 
 
 async def test_units_of_work_through_a_server_restart(pg_cluster: Cluster) -> None:
-    # a connection per worker: what is tested is the restart, not waiting for the pool (with
-    # fewer connections, a worker that loops straight into its next unit can take a returned
-    # connection before a woken waiter runs, and starve it: asyncio.Queue, in SQLAlchemy's pool)
+    # fewer connections than workers: the pool serves its waiters in order (asyncorm's
+    # FairQueue); with SQLAlchemy's queue a worker looping straight into its next unit took
+    # the returned connection ahead of the woken waiter, which could starve until pool_timeout
     engine = asyncorm.create_engine(
-        pg_cluster.url(query="sslmode=disable"), pool_size=20, max_overflow=WORKERS - 20
+        pg_cluster.url(query="sslmode=disable"), pool_size=15, max_overflow=0, pool_timeout=30
     )
     Session = asyncorm.async_sessionmaker(engine)
     async with engine.begin() as conn:
