@@ -25,6 +25,7 @@ from sqlalchemy.orm import ORMExecuteState, QueryableAttribute, RelationshipProp
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.util.concurrency import in_greenlet
 
+from . import _gcpause
 from ._errors import LazyLoadError, commit_in_unit_error
 from ._unsaved import note_flush, note_write
 
@@ -62,17 +63,29 @@ class SyncSession(Session):
         def execute(self, statement, *args, **kwargs):
             if not in_greenlet():
                 raise _implicit_io_error(self, statement, args, kwargs)
-            result = super().execute(statement, *args, **kwargs)
+            load = _gcpause.enter()
+            try:
+                result = super().execute(statement, *args, **kwargs)
+            finally:
+                _gcpause.leave(load)
             note_write(self, statement)
             return result
 
         def scalar(self, statement, *args, **kwargs):
-            result = super().scalar(statement, *args, **kwargs)
+            load = _gcpause.enter()
+            try:
+                result = super().scalar(statement, *args, **kwargs)
+            finally:
+                _gcpause.leave(load)
             note_write(self, statement)
             return result
 
         def scalars(self, statement, *args, **kwargs):
-            result = super().scalars(statement, *args, **kwargs)
+            load = _gcpause.enter()
+            try:
+                result = super().scalars(statement, *args, **kwargs)
+            finally:
+                _gcpause.leave(load)
             note_write(self, statement)
             return result
 
