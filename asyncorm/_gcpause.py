@@ -25,6 +25,7 @@ by the first collection after. Turn it off with ``create_engine(url, pause_gc=Fa
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 from collections.abc import Callable
@@ -65,15 +66,38 @@ def paused() -> int:
 
 
 class _Load:
-    """One outermost session ``execute()`` of a task, and whether it paused the collector."""
+    """One outermost session ``execute()`` of a task, and whether it paused the collector.
 
-    __slots__ = ("paused",)
+    A task created meanwhile (by a listener) copies the context, and with it this object:
+    it belongs to the task that began it (``owner``) and to no other, and only until it
+    ``ended``, or the copy could pause the collector with no ``leave()`` left to resume it.
+    """
+
+    __slots__ = ("ended", "owner", "paused")
 
     def __init__(self) -> None:
         self.paused = False
+        self.ended = False
+        self.owner = _task_id()
+
+
+def _task_id() -> int:
+    """The running task (0 outside any): unique among live tasks, as an owner needs."""
+    try:
+        return id(asyncio.current_task())
+    except RuntimeError:  # no running loop: a session used synchronously in a thread
+        return 0
 
 
 _LOAD: ContextVar[_Load | None] = ContextVar("asyncorm_gc_load", default=None)
+
+
+def _current() -> _Load | None:
+    """The outermost ``execute()`` the running task is inside of, if any."""
+    load = _LOAD.get()
+    if load is None or load.ended or load.owner != _task_id():
+        return None  # none, or one inherited with a copy of the context
+    return load
 
 
 def enter() -> Token[_Load | None] | None:
@@ -82,7 +106,7 @@ def enter() -> Token[_Load | None] | None:
     A nested ``execute()`` (a post-load's query, a lazy load) is about to wait on the
     database: a pause of the outer one ends here.
     """
-    load = _LOAD.get()
+    load = _current()
     if load is None:
         return _LOAD.set(_Load())
     if load.paused:
@@ -97,14 +121,17 @@ def leave(token: Token[_Load | None] | None) -> None:
         return
     load = _LOAD.get()
     _LOAD.reset(token)
-    if load is not None and load.paused:
+    if load is None:
+        return
+    load.ended = True
+    if load.paused:
         load.paused = False
         _resume()
 
 
 def _rows_ready(context: Any) -> None:
     """After the driver returned a statement's rows: pause for a large result in a session."""
-    load = _LOAD.get()
+    load = _current()
     if load is None or load.paused or context._is_server_side:
         return
     rows = getattr(context.cursor, "_rows", None)  # SQLAlchemy's async adapters buffer here

@@ -264,3 +264,28 @@ def test_loads_in_several_threads_restore_the_collector(backend: Backend) -> Non
 async def test_pause_gc_must_be_a_bool(backend: Backend) -> None:
     with pytest.raises(asyncorm.ConfigurationError, match=r"pause_gc='no' .*pass True .* or False"):
         asyncorm.create_engine(backend.url, pause_gc="no")
+
+
+async def test_a_task_started_while_loading_leaves_no_pause_behind(filled: AsyncEngine) -> None:
+    """A task created inside a session's execute() (here from a load listener) copies the
+    context of that execute(); its own later loads must pause and resume on their own."""
+    Session = asyncorm.async_sessionmaker(filled)
+    started: list[asyncio.Task[int]] = []
+
+    async def load_all() -> int:
+        async with Session() as session:
+            return len((await session.scalars(select(User))).all())
+
+    def spawn(target: Any, context: Any) -> None:
+        if not started:
+            started.append(asyncio.get_running_loop().create_task(load_all()))
+
+    event.listen(User, "load", spawn)
+    try:
+        async with Session() as session:
+            await session.scalars(select(User).where(User.id <= 3))
+        assert started
+        assert await started[0] == USERS  # ran after the execute() that created it ended
+    finally:
+        event.remove(User, "load", spawn)
+    _collector_as_before()
