@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -48,6 +49,10 @@ class FairQueue(sqla_queue.AsyncAdaptedQueue[ConnectionPoolEntry]):
 
         engine = asyncorm.create_engine(url, pool_size=15)  # its pool uses a FairQueue
     """
+
+    discard: Callable[[ConnectionPoolEntry], None] | None = None
+    """Closes a connection handed to a waiter that gave up when no one else wants it and the
+    queue is full (an overflow connection): the pool's return, set by :class:`QueuePool`."""
 
     def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
         super().__init__(maxsize, use_lifo)
@@ -80,25 +85,45 @@ class FairQueue(sqla_queue.AsyncAdaptedQueue[ConnectionPoolEntry]):
             return self.get_nowait()
         if not block:
             raise sqla_queue.Empty()
-        return await_(self._wait(seconds=timeout))
+        surplus: list[ConnectionPoolEntry] = []
+        try:
+            return await_(self._wait(timeout, surplus))
+        finally:
+            for item in surplus:  # closed here, in the greenlet, where closing can await
+                if self.discard is None:
+                    raise sqla_queue.Full()
+                self.discard(item)
 
-    async def _wait(self, seconds: float | None) -> ConnectionPoolEntry:
+    async def _wait(
+        self, seconds: float | None, surplus: list[ConnectionPoolEntry]
+    ) -> ConnectionPoolEntry:
         waiter: asyncio.Future[ConnectionPoolEntry] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(seconds):
                 return await waiter
         except TimeoutError:
-            self._pass_on(waiter)
+            self._pass_on(waiter, surplus)
             raise sqla_queue.Empty() from None
         except BaseException:  # cancelled while waiting
-            self._pass_on(waiter)
+            self._pass_on(waiter, surplus)
             raise
 
-    def _pass_on(self, waiter: asyncio.Future[ConnectionPoolEntry]) -> None:
-        """A waiter that gives up: a connection handed to it at that moment goes to the next."""
+    def _pass_on(
+        self, waiter: asyncio.Future[ConnectionPoolEntry], surplus: list[ConnectionPoolEntry]
+    ) -> None:
+        """A waiter that gives up: a connection handed to it at that moment goes to the next.
+
+        With no one next, it goes back to the queue; an overflow connection handed over as
+        the queue filled up has no place there, and is left for :attr:`discard` (not raised:
+        ``Full`` would replace the waiter's cancellation or timeout, and the connection and
+        its overflow slot would be lost).
+        """
         if waiter.done() and not waiter.cancelled():
-            self.put_nowait(waiter.result())
+            try:
+                self.put_nowait(waiter.result())
+            except sqla_queue.Full:
+                surplus.append(waiter.result())
         else:
             waiter.cancel()
             with contextlib.suppress(ValueError):  # already pruned
@@ -111,6 +136,11 @@ class QueuePool(AsyncAdaptedQueuePool):
     _queue_class = FairQueue
     label = "this engine"
     last_connect_failure: tuple[float, BaseException] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self._pool, FairQueue):
+            self._pool.discard = self._do_return_conn  # closes it, and frees its overflow slot
 
     def _do_get(self) -> ConnectionPoolEntry:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import exc as sa_exc
@@ -146,5 +147,41 @@ async def test_a_waiter_that_gives_up_passes_its_connection_on(backend: Backend)
         assert await served == 3
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
         assert queue.waiting() == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_waiter_cancelled_with_an_overflow_connection_in_hand_closes_it(
+    backend: Backend,
+) -> None:
+    """The overflow connection handed to a waiter that is cancelled before it runs, as the
+    pooled one comes back too, has no one to go to and no room in the queue: it is closed
+    and its overflow slot freed, and the waiter ends cancelled (not with queue.Full)."""
+    # no reset on return: both returns and the cancellation happen in the same loop turn
+    engine = asyncorm.create_engine(
+        backend.url, pool_size=1, max_overflow=1, pool_timeout=30, pool_reset_on_return=None
+    )
+    pool: Any = engine.pool
+    queue: asyncorm_pool.FairQueue = pool.__dict__["_pool"]
+
+    async def wait_for_one() -> int:
+        async with engine.connect() as conn:
+            return int(await conn.scalar(text("SELECT 3")))
+
+    try:
+        pooled = await engine.connect()
+        overflow = await engine.connect()
+        assert (pool.checkedout(), pool.overflow()) == (2, 1)
+        waiter = asyncio.create_task(wait_for_one())
+        await _until(lambda: queue.waiting() == 1)
+        await overflow.close()  # handed to the waiter, which has not run yet
+        await pooled.close()  # no one waits: back to the queue, which is now full
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (pool.checkedout(), pool.overflow(), pool.checkedin()) == (0, 0, 1)
+        both = list(await asyncio.gather(wait_for_one(), wait_for_one()))  # both slots usable
+        assert both == [3, 3]
+        assert pool.checkedout() == 0
     finally:
         await engine.dispose()
