@@ -140,15 +140,32 @@ def _rows_ready(context: Any) -> None:
         _pause()
 
 
+def _statement_ready() -> None:
+    """Before a statement is sent: it waits on the database, so a pause of its task ends.
+
+    A session's own nested ``execute()`` already ended it (:func:`enter`); this catches the
+    others, such as a ``load`` listener running ``session.connection().execute()``.
+    """
+    load = _current()
+    if load is not None and load.paused:
+        load.paused = False
+        _resume()
+
+
 def install(dialect: Any) -> None:
     """Make ``dialect``'s execution contexts report buffered results (see the module doc)."""
     base = dialect.execution_ctx_cls
+    pre_exec: Callable[[Any], None] = base.pre_exec
     post_exec: Callable[[Any], None] = base.post_exec
+
+    def _pre_exec(self: Any) -> None:
+        _statement_ready()
+        pre_exec(self)
 
     def _post_exec(self: Any) -> None:
         post_exec(self)
         _rows_ready(self)
 
     dialect.execution_ctx_cls = type(
-        f"GCPausing{base.__name__}", (base,), {"post_exec": _post_exec}
+        f"GCPausing{base.__name__}", (base,), {"pre_exec": _pre_exec, "post_exec": _post_exec}
     )

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, event, insert, select
+from sqlalchemy import Connection, event, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import selectinload
 
@@ -288,4 +288,26 @@ async def test_a_task_started_while_loading_leaves_no_pause_behind(filled: Async
         assert await started[0] == USERS  # ran after the execute() that created it ended
     finally:
         event.remove(User, "load", spawn)
+    _collector_as_before()
+
+
+async def test_a_statement_a_load_listener_sends_is_sent_with_the_collector_running(
+    filled: AsyncEngine, seen: Seen
+) -> None:
+    """A listener that queries through the session's connection (not a nested execute())
+    waits on the database: the pause ends before its statement is sent."""
+    Session = asyncorm.async_sessionmaker(filled)
+
+    def lookup(target: Any, context: Any) -> None:
+        if target.id == 500:
+            context.session.connection().execute(text("SELECT 1"))
+
+    event.listen(User, "load", lookup)
+    try:
+        async with Session() as session:
+            assert len((await session.scalars(select(User))).all()) == USERS
+    finally:
+        event.remove(User, "load", lookup)
+    assert seen.statements == [("SELECT", True), ("SELECT", True)]
+    assert seen.loads_enabled[:499] == [False] * 499  # paused until the listener's query
     _collector_as_before()
