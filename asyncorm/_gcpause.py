@@ -14,8 +14,9 @@ then: from the moment the statement's rows are in memory (the execution context'
 ``post_exec``, after the driver returned them; never for a server-side cursor, whose fetches
 wait on the network) to the end of the session's ``execute()``, and not across any further
 statement (a ``selectinload``'s query, a lazy load run inside it: entering a nested
-``execute()`` resumes it first). No await happens while it is paused, so no other task runs
-then: the pause is as long as the Python work of building those objects, and nothing else.
+``execute()`` resumes it first, and so does sending any other statement, such as a
+listener's through ``session.connection()``). No await happens while it is paused, so no
+other task runs then: the pause is as long as the Python work of building those objects.
 
 The collector is process-wide; pauses are counted under a lock, so sessions in several
 threads nest correctly, and it is resumed only if it was enabled when the first pause began
