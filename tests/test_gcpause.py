@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Connection, event, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import selectinload
+from sqlalchemy.util import await_
 
 import asyncorm
 from asyncorm import _gcpause
@@ -310,4 +311,42 @@ async def test_a_statement_a_load_listener_sends_is_sent_with_the_collector_runn
         event.remove(User, "load", lookup)
     assert seen.statements == [("SELECT", True), ("SELECT", True)]
     assert seen.loads_enabled[:499] == [False] * 499  # paused until the listener's query
+    _collector_as_before()
+
+
+async def test_a_task_started_while_loading_pauses_on_its_own_while_the_load_waits(
+    filled: AsyncEngine,
+) -> None:
+    """The task a load listener creates runs its own large load while the creating
+    execute() waits on a post-load query: its pause is its own, over when its load is."""
+    Session = asyncorm.async_sessionmaker(filled)
+    started: list[asyncio.Task[int]] = []
+    after_own_load: list[int] = []
+    finished = asyncio.Event()
+
+    async def load_all() -> int:
+        async with Session() as session:
+            count = len((await session.scalars(select(User))).all())
+            after_own_load.append(_gcpause.paused())
+        finished.set()
+        return count
+
+    def spawn(target: Any, context: Any) -> None:
+        if not started:
+            started.append(asyncio.get_running_loop().create_task(load_all()))
+
+    def hold(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+        if "addresses" in statement and not finished.is_set():
+            await_(finished.wait())  # the post-load query waits until the task is done
+
+    event.listen(User, "load", spawn)
+    event.listen(filled.sync_engine, "before_cursor_execute", hold)
+    try:
+        async with Session() as session:
+            await session.scalars(select(User).options(selectinload(User.addresses)))
+        assert await started[0] == USERS
+    finally:
+        event.remove(User, "load", spawn)
+        event.remove(filled.sync_engine, "before_cursor_execute", hold)
+    assert after_own_load == [0]
     _collector_as_before()
