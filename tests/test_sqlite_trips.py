@@ -9,7 +9,10 @@ the thread passes (instrumentation on the real driver: the statements still run)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -19,8 +22,9 @@ import pytest
 from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.ext.asyncio import async_sessionmaker as sa_async_sessionmaker
+from sqlalchemy.util import await_
 
 import asyncorm
 from asyncorm._aiosqlite import OneTripConnection
@@ -65,7 +69,7 @@ async def sqlite_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-async def test_a_read_costs_two_trips_where_sqlalchemy_costs_five(
+async def test_a_read_costs_one_trip_where_sqlalchemy_costs_five(
     sqlite_engine: AsyncEngine, tmp_path: Path, trips: Trips
 ) -> None:
     Session = asyncorm.async_sessionmaker(sqlite_engine)
@@ -73,8 +77,9 @@ async def test_a_read_costs_two_trips_where_sqlalchemy_costs_five(
     async with Session() as session:
         assert (await session.get(User, 1)) is not None
         driver: Any = (await (await session.connection()).get_raw_connection()).driver_connection
-        assert driver.in_transaction  # BEGIN IMMEDIATE went with the SELECT
-    assert trips.count == 2  # BEGIN IMMEDIATE + SELECT, then ROLLBACK
+        assert driver.in_transaction  # BEGIN (a WAL snapshot) went with the SELECT
+    assert not driver.in_transaction  # ended on the event loop (asyncorm._inline_end)
+    assert trips.count == 1  # BEGIN + SELECT; the ROLLBACK ran inline
 
     stock = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'trips.db'}")
     try:
@@ -334,5 +339,352 @@ async def test_a_dbapi_module_of_ones_own_still_gets_real_transactions(tmp_path:
             await session.rollback()
         async with Session() as session:
             assert await session.scalar(select(func.count()).select_from(User)) == 0
+    finally:
+        await engine.dispose()
+
+
+# -- a read snapshot ends on the event loop (asyncorm/_inline_end.py) ------------------------
+
+
+class Gate:
+    """Holds a SQL function ``hold(x)`` on aiosqlite's thread until ``release`` is set;
+    ``entered`` (an asyncio event) is set from the thread when it starts waiting."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.entered = asyncio.Event()
+        self.release = threading.Event()
+
+    def hold(self, value: Any) -> Any:
+        self.loop.call_soon_threadsafe(self.entered.set)
+        if not self.release.wait(30):
+            raise RuntimeError("the test never released the gate")
+        return value
+
+
+async def gated_engine(path: Path, gate: Gate, **kwargs: Any) -> AsyncEngine:
+    """A SQLite file engine (pool of one unless told) with ``hold()`` on every connection,
+    the test tables, ann and one account of 100."""
+    kwargs.setdefault("pool_size", 1)
+    engine = asyncorm.create_engine(f"sqlite:///{path}", **kwargs)
+
+    def add_hold(dbapi_connection: Any, record: Any) -> None:
+        await_(dbapi_connection.driver_connection.create_function("hold", 1, gate.hold))
+
+    event.listen(engine.sync_engine, "connect", add_hold)
+    await reset_schema(engine)
+    async with asyncorm.async_sessionmaker(engine).begin() as session:
+        session.add_all([User(id=1, name="ann"), Account(id=1, balance=100)])
+    return engine
+
+
+def no_reader_left(path: Path) -> bool:
+    """Whether a TRUNCATE checkpoint completes: no transaction holds a read mark (a snapshot
+    left open would keep the WAL: SQLite reports the checkpoint busy)."""
+    other = sqlite3.connect(path, timeout=5)
+    try:
+        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return bool(busy == 0)
+    finally:
+        other.close()
+
+
+async def driver_of(session: AsyncSession) -> Any:
+    """The session's aiosqlite connection."""
+    return (await (await session.connection()).get_raw_connection()).driver_connection
+
+
+async def in_transaction(session: AsyncSession) -> bool:
+    return bool((await driver_of(session)).in_transaction)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "check_same_thread"])
+async def test_a_read_snapshot_behaves_as_with_the_trip_and_costs_none_to_end(
+    tmp_path: Path, trips: Trips, inline: bool
+) -> None:
+    """The same observations with the inline end and with the thread trip it replaces
+    (``check_same_thread=True``: the general path); only the trips differ."""
+    path = tmp_path / "same.db"
+    kwargs: dict[str, Any] = {} if inline else {"connect_args": {"check_same_thread": True}}
+    engine = await gated_engine(path, Gate(), **kwargs)
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+        seen: list[int | None] = []
+        trips.count = 0
+        async with Session() as session:
+            seen.append(await session.scalar(select(Account.balance)))
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("UPDATE accounts SET balance = 200")  # committed meanwhile
+            other.close()
+            seen.append(await session.scalar(select(Account.balance)))  # same snapshot
+            await session.commit()  # a read transaction's COMMIT
+            assert not await in_transaction(session)
+            seen.append(await session.scalar(select(Account.balance)))  # a new snapshot
+        assert seen == [100, 100, 200]
+        # three reads; each end (COMMIT, then ROLLBACK at close) inline or a trip
+        assert trips.count == (3 if inline else 5)
+        assert no_reader_left(path)
+        trips.count = 0
+        async with Session(read_only=True) as session:
+            assert [u.name for u in (await session.scalars(select(User)))] == ["ann"]
+        assert trips.count == (1 if inline else 2)
+        trips.count = 0
+        async with Session() as session:
+            result = await session.stream_scalars(select(User.name))  # aiosqlite's cursor
+            assert [name async for name in result] == ["ann"]
+        assert trips.count >= 3 if inline else trips.count >= 4
+        assert no_reader_left(path)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_read_session_that_writes_ends_with_a_trip(tmp_path: Path, trips: Trips) -> None:
+    path = tmp_path / "writes.db"
+    engine = await gated_engine(path, Gate())
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+        trips.count = 0
+        async with Session() as session:
+            account = await session.get(Account, 1)  # BEGIN (a snapshot) + SELECT
+            assert account is not None
+            account.balance = 0
+            await session.flush()  # the writer turn, then the UPDATE
+        assert trips.count == 3  # the ROLLBACK of a write transaction went to the thread
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 100
+            account = await session.get(Account, 1)
+            assert account is not None
+            account.balance = 150
+            trips.count = 0
+            await session.commit()
+            assert trips.count == 2  # UPDATE, COMMIT: no inline COMMIT after a write
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 150
+
+        # a write asyncorm does not see (the raw driver, in the snapshot's transaction):
+        # SQLite's count of changed rows differs, so the end goes to the thread too
+        async with Session() as session:
+            assert await session.scalar(select(User.name)) == "ann"
+            driver = await driver_of(session)
+            await driver.execute("INSERT INTO users (id, name) VALUES (2, 'raw')")
+            trips.count = 0
+        assert trips.count == 1  # the ROLLBACK
+        async with Session() as session:
+            assert (await session.scalars(select(User.name))).all() == ["ann"]
+        assert no_reader_left(path)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancelled_statement_still_on_the_thread_makes_the_end_wait_for_it(
+    tmp_path: Path, trips: Trips
+) -> None:
+    """Cancelled while its SELECT runs on aiosqlite's thread, the session closes with a
+    ROLLBACK queued behind that SELECT, never on the loop beside it."""
+    gate = Gate()
+    path = tmp_path / "cancelled.db"
+    engine = await gated_engine(path, gate)
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+
+        async def read() -> None:
+            async with Session() as session:
+                await session.execute(select(func.hold(User.id)))
+
+        task = asyncio.create_task(read())
+        await gate.entered.wait()  # the SELECT (with its BEGIN) is running on the thread
+        trips.count = 0
+        trips.queued.clear()
+        task.cancel()
+        await trips.queued.wait()  # close() queued its ROLLBACK: it did not end inline
+        assert not task.done()  # and waits for it, which waits for the SELECT
+        gate.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert trips.count == 1
+        async with Session() as session:  # the same connection, clean
+            assert not await in_transaction(session)
+            assert await session.scalar(select(Account.balance)) == 100
+        assert no_reader_left(path)
+    finally:
+        gate.release.set()
+        await engine.dispose()
+
+
+async def test_a_cancelled_raw_call_still_on_the_thread_makes_the_end_wait_for_it(
+    tmp_path: Path, trips: Trips
+) -> None:
+    """A call SQLAlchemy does not see (the raw driver) cancelled mid-way: no error, no mark
+    on the connection; the session's end still queues behind it."""
+    gate = Gate()
+    path = tmp_path / "raw.db"
+    engine = await gated_engine(path, gate)
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 100
+            driver = await driver_of(session)
+            raw = asyncio.create_task(driver.execute_fetchall("SELECT hold(1)"))
+            await gate.entered.wait()
+            raw.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await raw  # the call goes on running on the thread
+            trips.count = 0
+            trips.queued.clear()
+            closing = asyncio.create_task(session.close())
+            await trips.queued.wait()  # a ROLLBACK trip, queued behind hold()
+            assert not closing.done()
+            gate.release.set()
+            await closing
+        assert trips.count == 1
+        async with Session() as session:
+            assert not await in_transaction(session)
+            assert await session.scalar(select(User.name)) == "ann"
+        assert no_reader_left(path)
+    finally:
+        gate.release.set()
+        await engine.dispose()
+
+
+async def test_cancelling_a_read_session_at_each_await_leaves_the_connection_clean(
+    tmp_path: Path,
+) -> None:
+    """A cancellation after 0, 1, 2, ... passes of the event loop lands at each await a read
+    session makes (its SELECTs, its close): every time the pooled connection comes back with
+    no transaction open, and the next session reads the data."""
+    path = tmp_path / "sweep.db"
+    engine = await gated_engine(path, Gate())
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+        finished = 0
+
+        async def read() -> None:
+            nonlocal finished
+            async with Session() as session:
+                assert await session.get(User, 1) is not None
+                assert await session.scalar(select(Account.balance)) == 100
+            finished += 1
+
+        for passes in range(40):
+            task = asyncio.create_task(read())
+            for _ in range(passes):
+                await asyncio.sleep(0)  # one pass of the loop: where the cancellation lands
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with Session() as session:
+                assert not await in_transaction(session)
+                assert await session.scalar(select(User.name)) == "ann"
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert finished > 0  # the sweep reached past the end of a session
+        assert no_reader_left(path)
+    finally:
+        await engine.dispose()
+
+
+async def test_two_readers_and_a_writer_each_keep_their_snapshot(
+    tmp_path: Path, trips: Trips
+) -> None:
+    path = tmp_path / "two.db"
+    engine = await gated_engine(path, Gate(), pool_size=3)
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+        both_read = asyncio.Event()
+        written = asyncio.Event()
+        ready: list[None] = []
+
+        async def reader() -> tuple[int | None, int | None]:
+            async with Session() as session:
+                first = await session.scalar(select(Account.balance))
+                ready.append(None)
+                if len(ready) == 2:
+                    both_read.set()
+                await written.wait()
+                return first, await session.scalar(select(Account.balance))
+
+        async def writer() -> None:
+            await both_read.wait()
+            async with Session.begin() as session:
+                await session.execute(update(Account).values(balance=300))
+            written.set()
+
+        async def warm(all_in: asyncio.Event, held: list[None]) -> None:
+            async with Session() as session:  # opens the pool's three connections
+                await session.scalar(select(1))
+                held.append(None)
+                if len(held) == 3:
+                    all_in.set()
+                await all_in.wait()
+
+        warmed = asyncio.Event()
+        held: list[None] = []
+        await asyncio.gather(*(warm(warmed, held) for _ in range(3)))
+        trips.count = 0
+        results = await asyncio.gather(reader(), reader(), writer())
+        assert list(results[:2]) == [(100, 100), (100, 100)]
+        assert trips.count == 2 + 2 + 2  # two SELECTs each; BEGIN IMMEDIATE + UPDATE, COMMIT
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 300
+        assert no_reader_left(path)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_writer_in_another_process_while_a_read_session_is_open(
+    tmp_path: Path, trips: Trips
+) -> None:
+    path = tmp_path / "process.db"
+    engine = await gated_engine(path, Gate())
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+        trips.count = 0
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 100
+            script = (
+                "import sqlite3, sys\n"
+                "c = sqlite3.connect(sys.argv[1], timeout=5, isolation_level=None)\n"
+                "c.execute('UPDATE accounts SET balance = 400')\n"
+                "print(c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()[0])\n"
+            )
+            other = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", script, str(path), stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await other.communicate()
+            assert other.returncode == 0
+            assert out.strip() == b"1"  # the checkpoint is busy: this session's snapshot
+            assert await session.scalar(select(Account.balance)) == 100
+        assert trips.count == 2  # two SELECTs; the end inline
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 400
+        assert no_reader_left(path)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_read_session_whose_connection_was_invalidated_closes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "invalid.db"
+    engine = await gated_engine(path, Gate())
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 100
+            await (await session.connection()).invalidate()
+        async with Session() as session:  # a new connection
+            assert not await in_transaction(session)
+            assert await session.scalar(select(Account.balance)) == 100
+        async with Session() as session:  # the driver closed underneath, mid-snapshot
+            assert await session.scalar(select(Account.balance)) == 100
+            raw = await (await session.connection()).get_raw_connection()
+            await cast(Any, raw.driver_connection).close()
+            assert not raw.dbapi_connection.ends_inline  # type: ignore[union-attr]
+        async with Session() as session:  # as without the inline end: found on first use
+            with pytest.raises(OperationalError, match="no active connection"):
+                await session.scalar(select(User.name))
+        async with Session() as session:  # and replaced
+            assert await session.scalar(select(User.name)) == "ann"
+        assert no_reader_left(path)
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         await engine.dispose()

@@ -1,0 +1,171 @@
+"""SQLite: a read transaction ends on the event loop, without a trip to aiosqlite's thread.
+
+A session that only read holds a WAL snapshot (``BEGIN`` deferred, see :mod:`asyncorm._sqlite`)
+until it ends; ending it is a ``ROLLBACK`` (``close()``) or a ``COMMIT`` (``commit()``), and
+either only releases the snapshot's read mark: no write, no I/O, no lock to wait for, a few
+microseconds inside SQLite. Sent to aiosqlite's thread it costs a whole trip (a queue put, a
+thread wake-up, a future resolved back in the loop): about half of a one-row request's wait.
+This adapter runs it on the event loop's thread instead, directly on the ``sqlite3``
+connection, when all of these hold (otherwise the trip, as before):
+
+* the connection allows it: opened with ``check_same_thread=False`` (the SQLite profile's
+  default; ``connect_args={"check_same_thread": True}`` turns this off) by an SQLite library
+  built for use from more than one thread (``sqlite3.threadsafety`` >= 1);
+* aiosqlite's thread is idle on this connection: the last call queued to it has finished
+  running there. A cancelled call (a statement whose task was cancelled) still runs on the
+  thread; while it does, the end queues behind it as a trip. Every call aiosqlite queues
+  passes through its ``Connection._execute`` (the funnel :mod:`asyncorm._aiosqlite` already
+  uses); :func:`_track` wraps it on each connection so that the thread marks each call done;
+* the transaction is a read snapshot that never took the writer turn
+  (``OneTripConnection.snapshot_only``: no write was sent through SQLAlchemy) and SQLite's
+  count of changed rows (``total_changes``) is the one at its BEGIN (no row was written
+  another way: a user-defined function, the raw driver).
+
+Two threads never use the ``sqlite3`` connection at once: the loop touches it only while
+the thread has nothing of this connection's to run, and nothing can be queued meanwhile
+(the end runs without an await).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ._aiosqlite import OneTripConnection, OneTripDBAPI
+
+__all__ = ["InlineEndConnection", "InlineEndDBAPI"]
+
+
+class _Call:
+    """A call queued to aiosqlite's thread, which marks itself done there once it has run."""
+
+    __slots__ = ("args", "done", "fn", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.done = False
+
+    def __call__(self) -> Any:
+        try:
+            return self.fn(*self.args, **self.kwargs)
+        finally:
+            self.done = True  # on the thread: nothing of this call runs any more
+
+
+class _Calls:
+    """The last call queued to one connection's thread (calls run in order, one at a time)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: _Call | None = None
+
+    @property
+    def idle(self) -> bool:
+        last = self.last
+        return last is None or last.done
+
+
+async def _tracked_execute(
+    driver_ref: weakref.ref[Any], calls: _Calls, fn: Any, *args: Any, **kwargs: Any
+) -> Any:
+    driver = driver_ref()
+    if driver is None:  # pragma: no cover - the bound caller keeps the connection alive
+        raise ValueError("no active connection")
+    call = _Call(fn, args, kwargs)
+    calls.last = call
+    # looked up on the class at each call, as aiosqlite's own methods do
+    return await type(driver)._execute(driver, call)
+
+
+def _track(driver: Any) -> _Calls:
+    """Wrap the aiosqlite connection's ``_execute`` so that each call marks itself done.
+
+    Set on the instance (aiosqlite's methods and cursors call ``self._execute``), holding the
+    connection weakly, so that no reference cycle delays its finalisation.
+    """
+    calls = _Calls()
+    driver._execute = functools.partial(_tracked_execute, weakref.ref(driver), calls)
+    return calls
+
+
+class InlineEndConnection(OneTripConnection):
+    """:class:`OneTripConnection` whose read transactions end on the event loop.
+
+    ``rollback()`` and ``commit()`` of a read snapshot run on the loop's thread when the
+    conditions in this module's docstring hold, and as a trip to aiosqlite's thread otherwise.
+    """
+
+    __slots__ = ("_calls", "_changes_at_begin")
+
+    def __init__(self, dbapi: Any, connection: Any, *, inline: bool) -> None:
+        super().__init__(dbapi, connection)
+        self._calls: _Calls | None = _track(connection) if inline else None
+        self._changes_at_begin = -1
+
+    def queue_begin(self, sql: str) -> None:
+        super().queue_begin(sql)
+        if self._calls is not None:
+            try:
+                # read on the loop (sqlite3 allows it from any thread; a statement still
+                # running on the thread can only make the count differ later: no inline end)
+                self._changes_at_begin = self._connection._conn.total_changes
+            except (ValueError, sqlite3.ProgrammingError):  # closed
+                self._changes_at_begin = -1
+
+    @property
+    def ends_inline(self) -> bool:
+        """Whether ending the transaction now would run on the loop, without an await."""
+        calls = self._calls
+        if calls is None or not self.snapshot_only or not calls.idle:
+            return False
+        raw: sqlite3.Connection | None = self._connection._connection
+        if raw is None:
+            return False
+        try:
+            return raw.total_changes == self._changes_at_begin
+        except sqlite3.ProgrammingError:  # closed
+            return False
+
+    def rollback(self) -> None:
+        if self._begun and self.ends_inline:
+            self._end_inline(sqlite3.Connection.rollback)
+        else:
+            super().rollback()
+
+    def commit(self) -> None:
+        if self._begun and self.ends_inline:
+            self._end_inline(sqlite3.Connection.commit)
+        else:
+            super().commit()
+
+    def _end_inline(self, end: Callable[[sqlite3.Connection], None]) -> None:
+        self._queued_begin = None
+        self.read_since = None
+        try:
+            end(self._connection._conn)
+        except Exception:
+            self.settle()
+            raise
+        self._begun = False
+        self.snapshot_only = False
+        if self.on_transaction_end is not None:
+            self.on_transaction_end(self)
+
+
+class InlineEndDBAPI(OneTripDBAPI):
+    """:class:`OneTripDBAPI` whose connections are :class:`InlineEndConnection`."""
+
+    def connect(self, *arg: Any, **kw: Any) -> OneTripConnection:
+        inline = (
+            kw.get("check_same_thread", True) is False
+            and sqlite3.threadsafety >= 1
+            and "async_creator_fn" not in kw
+        )
+        adapted = super().connect(*arg, **kw)
+        return InlineEndConnection(self, adapted._connection, inline=inline)
