@@ -173,7 +173,7 @@ def _asyncorm_w1(path: Path, *, inline: str) -> tuple[Any, Op]:
         "end": asyncorm._inline_end.InlineEndDBAPI,
         "all": _StatementsInlineDBAPI,
     }[inline]()
-    engine = asyncorm.create_engine(f"sqlite:///{path}", pool_size=1, module=module)
+    engine = asyncorm.create_engine(f"sqlite:///{path}", pool_size=20, module=module)
     Session = asyncorm.async_sessionmaker(engine)
 
     async def op(pk: int) -> None:
@@ -202,6 +202,18 @@ async def _time(op: Op, pks: list[int]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.thread_time()
     for pk in pks:
         await op(pk)
+    return (time.perf_counter() - wall) / len(pks), (time.thread_time() - cpu) / len(pks)
+
+
+async def _time_tasks(op: Op, pks: list[int], tasks: int) -> tuple[float, float]:
+    """Like :func:`_time`, with ``tasks`` tasks sharing the operations."""
+
+    async def worker(share: list[int]) -> None:
+        for pk in share:
+            await op(pk)
+
+    wall, cpu = time.perf_counter(), time.thread_time()
+    await asyncio.gather(*(worker(pks[i::tasks]) for i in range(tasks)))
     return (time.perf_counter() - wall) / len(pks), (time.thread_time() - cpu) / len(pks)
 
 
@@ -259,6 +271,19 @@ async def run(n: int, repeats: int) -> None:
             print(f"{n:,} operations x {repeats} repeats; medians per operation\n")
             print("| what | wall | loop CPU |\n|---|---:|---:|")
             for figure in figures.values():
+                print(f"| {figure.name} | {figure.wall_us:.0f} us | {figure.cpu_us:.0f} us |")
+            orm = [name for name in cases if name.startswith("asyncorm")]
+            concurrent = {name: Figure(name, [], []) for name in orm}
+            for name in orm:
+                await _time_tasks(cases[name], pks[: max(20, n // 10)], 20)  # 20 connections
+            for _ in range(repeats):
+                for name in orm:
+                    wall, cpu = await _time_tasks(cases[name], pks, 20)
+                    concurrent[name].wall.append(wall)
+                    concurrent[name].cpu.append(cpu)
+            print("\n20 tasks (pools of 20): per operation\n")
+            print("| what | wall | loop CPU |\n|---|---:|---:|")
+            for figure in concurrent.values():
                 print(f"| {figure.name} | {figure.wall_us:.0f} us | {figure.cpu_us:.0f} us |")
             print("\nEvent-loop latency: a 1 ms timer, 20 tasks reading (ms late)\n")
             print("| reads | median | p99 | max |\n|---|---:|---:|---:|")
