@@ -15,7 +15,9 @@ connection, when all of these hold (otherwise the trip, as before):
   running there. A cancelled call (a statement whose task was cancelled) still runs on the
   thread; while it does, the end queues behind it as a trip. Every call aiosqlite queues
   passes through its ``Connection._execute`` (the funnel :mod:`asyncorm._aiosqlite` already
-  uses); :func:`_track` wraps it on each connection so that the thread marks each call done;
+  uses); :func:`_track` wraps it on each connection so that the thread marks each call done
+  (SQLAlchemy's isolation-level setter, which puts its call on aiosqlite's queue directly,
+  is sent through ``_execute`` here);
 * the transaction is a read snapshot that never took the writer turn
   (``OneTripConnection.snapshot_only``: no write was sent through SQLAlchemy) and SQLite's
   count of changed rows (``total_changes``) is the one at its BEGIN (no row was written
@@ -33,6 +35,8 @@ import sqlite3
 import weakref
 from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy.util import await_
 
 from ._aiosqlite import OneTripConnection, OneTripDBAPI
 
@@ -94,6 +98,10 @@ def _track(driver: Any) -> _Calls:
     return calls
 
 
+def _set_isolation_level(connection: sqlite3.Connection, value: str | None) -> None:
+    connection.isolation_level = value  # type: ignore[assignment]
+
+
 class InlineEndConnection(OneTripConnection):
     """:class:`OneTripConnection` whose read transactions end on the event loop.
 
@@ -117,6 +125,22 @@ class InlineEndConnection(OneTripConnection):
                 self._changes_at_begin = self._connection._conn.total_changes
             except (ValueError, sqlite3.ProgrammingError):  # closed
                 self._changes_at_begin = -1
+
+    @property
+    def isolation_level(self) -> str | None:
+        return self._connection.isolation_level  # type: ignore[no-any-return]
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        """As SQLAlchemy's adapter does (on the thread), through ``_execute`` so that the call
+        is tracked: SQLAlchemy's own setter puts it on aiosqlite's queue directly."""
+        if self._calls is None:
+            OneTripConnection.isolation_level.fset(self, value)  # type: ignore[attr-defined]
+            return
+        try:
+            await_(self._connection._execute(_set_isolation_level, self._connection._conn, value))
+        except Exception as error:
+            self._handle_exception(error)
 
     @property
     def ends_inline(self) -> bool:

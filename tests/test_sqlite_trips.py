@@ -688,3 +688,25 @@ async def test_a_read_session_whose_connection_was_invalidated_closes(
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         await engine.dispose()
+
+
+async def test_an_isolation_level_change_is_a_tracked_call(tmp_path: Path, trips: Trips) -> None:
+    """SQLAlchemy's isolation-level setter puts its call on aiosqlite's queue directly; the
+    inline end must know about it, so the adapter sends it through ``_execute``."""
+    path = tmp_path / "isolation.db"
+    engine = await gated_engine(path, Gate())
+    try:
+        serializable = engine.execution_options(isolation_level="SERIALIZABLE")
+        Session = asyncorm.async_sessionmaker(serializable)
+        trips.count = 0
+        async with Session() as session:
+            assert await session.scalar(select(Account.balance)) == 100
+            setter_and_read = trips.count
+            assert setter_and_read == 3  # the setter, its PRAGMA, then BEGIN + SELECT
+        assert trips.count == 5  # at checkin the pool resets the level: the setter, PRAGMA
+        async with asyncorm.async_sessionmaker(engine)() as session:
+            assert not await in_transaction(session)
+            assert await session.scalar(select(User.name)) == "ann"
+        assert no_reader_left(path)
+    finally:
+        await engine.dispose()
