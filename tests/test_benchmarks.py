@@ -195,4 +195,4 @@ def test_the_sqlite_trips_micro_benchmark_runs(capsys: pytest.CaptureFixture[str
     assert sqlite_trips.main(["--quick", "-n", "20", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| asyncorm W1, ROLLBACK inline (now) |" in out
-    assert "| no trip: a 1,000-row scan inline on the loop |" in out
+    assert "| no trip: a 1,000-row scan inline on the loop | " in out
