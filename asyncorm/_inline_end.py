@@ -156,14 +156,16 @@ class InlineEndConnection(OneTripConnection):
         except sqlite3.ProgrammingError:  # closed
             return False
 
+    # ends_inline alone decides, as in ending_may_suspend (asyncorm._cancellation): what it
+    # promises there (no await) must hold here; with nothing begun sqlite3's end is a no-op
     def rollback(self) -> None:
-        if self._begun and self.ends_inline:
+        if self.ends_inline:
             self._end_inline(sqlite3.Connection.rollback)
         else:
             super().rollback()
 
     def commit(self) -> None:
-        if self._begun and self.ends_inline:
+        if self.ends_inline:
             self._end_inline(sqlite3.Connection.commit)
         else:
             super().commit()

@@ -498,6 +498,7 @@ async def test_a_cancelled_statement_still_on_the_thread_makes_the_end_wait_for_
         task.cancel()
         await trips.queued.wait()  # close() queued its ROLLBACK: it did not end inline
         assert not task.done()  # and waits for it, which waits for the SELECT
+        task.cancel()  # a second cancellation, during the close: it runs to completion
         gate.release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
