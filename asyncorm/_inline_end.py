@@ -9,8 +9,10 @@ This adapter runs it on the event loop's thread instead, directly on the ``sqlit
 connection, when all of these hold (otherwise the trip, as before):
 
 * the connection allows it: opened with ``check_same_thread=False`` (the SQLite profile's
-  default; ``connect_args={"check_same_thread": True}`` turns this off) by an SQLite library
-  built for use from more than one thread (``sqlite3.threadsafety`` >= 1);
+  default; ``connect_args={"check_same_thread": True}`` or ``?check_same_thread=true`` in
+  the URL turns this off) by an SQLite library in serialized mode (``sqlite3.threadsafety``
+  == 3: SQLite's own mutex guards the connection, should the thread still finalise an object
+  of a finished call, such as a cursor left unclosed, while the loop ends the transaction);
 * aiosqlite's thread is idle on this connection: the last call queued to it has finished
   running there. A cancelled call (a statement whose task was cancelled) still runs on the
   thread; while it does, the end queues behind it as a trip. Every call aiosqlite queues
@@ -118,10 +120,11 @@ class InlineEndConnection(OneTripConnection):
 
     def queue_begin(self, sql: str) -> None:
         super().queue_begin(sql)
-        if self._calls is not None:
+        self._changes_at_begin = -1
+        # only while the thread is idle (a cancelled call may still run there): the loop
+        # never calls into the sqlite3 connection beside the thread; otherwise no inline end
+        if self._calls is not None and self._calls.idle:
             try:
-                # read on the loop (sqlite3 allows it from any thread; a statement still
-                # running on the thread can only make the count differ later: no inline end)
                 self._changes_at_begin = self._connection._conn.total_changes
             except (ValueError, sqlite3.ProgrammingError):  # closed
                 self._changes_at_begin = -1
@@ -190,7 +193,7 @@ class InlineEndDBAPI(OneTripDBAPI):
     def connect(self, *arg: Any, **kw: Any) -> OneTripConnection:
         inline = (
             kw.get("check_same_thread", True) is False
-            and sqlite3.threadsafety >= 1
+            and sqlite3.threadsafety == 3
             and "async_creator_fn" not in kw
         )
         adapted = super().connect(*arg, **kw)

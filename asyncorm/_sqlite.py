@@ -104,7 +104,8 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
     connect_args.setdefault("isolation_level", None)
     # lets a read transaction end on the event loop when the driver's thread is idle
     # (asyncorm._inline_end); the driver's thread stays the only one running statements
-    connect_args.setdefault("check_same_thread", False)
+    if "check_same_thread" not in url.query:  # the URL's own setting goes to sqlite3
+        connect_args.setdefault("check_same_thread", False)
     kwargs["connect_args"] = connect_args
     # SQLAlchemy's aiosqlite adapter, one trip to the driver's thread per statement
     kwargs.setdefault("module", InlineEndDBAPI())
