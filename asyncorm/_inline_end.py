@@ -23,7 +23,9 @@ connection, when all of these hold (otherwise the trip, as before):
 * the transaction is a read snapshot that never took the writer turn
   (``OneTripConnection.snapshot_only``: no write was sent through SQLAlchemy) and SQLite's
   count of changed rows (``total_changes``) is the one at its BEGIN (no row was written
-  another way: a user-defined function, the raw driver).
+  another way: a user-defined function, the raw driver), and no call but the adapter's own
+  went to the thread since its BEGIN (the raw driver's ``execute()`` may have sent DDL or a
+  PRAGMA, which ``total_changes`` does not count: ``_Calls.foreign``).
 
 Two threads never use the ``sqlite3`` connection at once: the loop touches it only while
 the thread has nothing of this connection's to run, and nothing can be queued meanwhile
@@ -40,7 +42,7 @@ from typing import Any
 
 from sqlalchemy.util import await_
 
-from ._aiosqlite import OneTripConnection, OneTripDBAPI
+from ._aiosqlite import OneTripConnection, OneTripDBAPI, _run
 
 __all__ = ["InlineEndConnection", "InlineEndDBAPI"]
 
@@ -63,13 +65,24 @@ class _Call:
             self.done = True  # on the thread: nothing of this call runs any more
 
 
+_OWN_CALLS = frozenset({"cursor", "fetchone", "fetchmany", "fetchall", "close"})
+"""Names of the sqlite3 methods queued for SQLAlchemy's server-side cursor and for closing,
+which send no statement; with :func:`asyncorm._aiosqlite._run` and the isolation-level
+setter, the only calls that do not make a transaction *foreign*."""
+
+
 class _Calls:
     """The last call queued to one connection's thread (calls run in order, one at a time)."""
 
-    __slots__ = ("last",)
+    __slots__ = ("foreign", "last")
 
     def __init__(self) -> None:
         self.last: _Call | None = None
+        self.foreign = False
+        """Whether a call other than the adapter's own (the raw driver: ``execute()``,
+        ``executescript()``, a cursor of aiosqlite's, ...) was queued since the transaction's
+        BEGIN was prepared: what it sent is unknown (DDL, a PRAGMA that sets a value: SQLite's
+        ``total_changes`` does not count them), so the transaction ends with a trip."""
 
     @property
     def idle(self) -> bool:
@@ -85,6 +98,9 @@ async def _tracked_execute(
         raise ValueError("no active connection")
     call = _Call(fn, args, kwargs)
     calls.last = call
+    own = fn is _run or fn is _set_isolation_level
+    if not own and getattr(fn, "__name__", None) not in _OWN_CALLS:
+        calls.foreign = True
     # looked up on the class at each call, as aiosqlite's own methods do
     return await type(driver)._execute(driver, call)
 
@@ -124,6 +140,7 @@ class InlineEndConnection(OneTripConnection):
         # only while the thread is idle (a cancelled call may still run there): the loop
         # never calls into the sqlite3 connection beside the thread; otherwise no inline end
         if self._calls is not None and self._calls.idle:
+            self._calls.foreign = False
             try:
                 self._changes_at_begin = self._connection._conn.total_changes
             except (ValueError, sqlite3.ProgrammingError):  # closed
@@ -149,7 +166,7 @@ class InlineEndConnection(OneTripConnection):
     def ends_inline(self) -> bool:
         """Whether ending the transaction now would run on the loop, without an await."""
         calls = self._calls
-        if calls is None or not self.snapshot_only or not calls.idle:
+        if calls is None or not self.snapshot_only or not calls.idle or calls.foreign:
             return False
         raw: sqlite3.Connection | None = self._connection._connection
         if raw is None:
