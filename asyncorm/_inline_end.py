@@ -53,15 +53,22 @@ class _Call:
     __slots__ = ("args", "done", "fn", "kwargs")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> None:
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
+        self.fn: Callable[..., Any] | None = fn
+        self.args: tuple[Any, ...] = args
+        self.kwargs: Any = kwargs
         self.done = False
 
     def __call__(self) -> Any:
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        assert fn is not None
+        # released here, on the thread, before the call counts as done: what it held (an
+        # aiosqlite method, a cursor of the connection's) is not kept by ``_Calls.last``
+        # while the connection sits in the pool, nor finalised beside an inline end
+        self.fn, self.args, self.kwargs = None, (), None
         try:
-            return self.fn(*self.args, **self.kwargs)
+            return fn(*args, **kwargs)
         finally:
+            del fn, args, kwargs
             self.done = True  # on the thread: nothing of this call runs any more
 
 

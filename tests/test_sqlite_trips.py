@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -863,5 +864,29 @@ async def test_ddl_through_the_raw_driver_in_a_read_snapshot_commits_with_a_trip
             assert check.execute("SELECT count(*) FROM extra").fetchone() == (0,)
         finally:
             check.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_finished_call_is_not_kept_by_the_tracking(tmp_path: Path) -> None:
+    """The tracking keeps the last call queued to the thread; once it has run, it must not
+    keep what the call referred to (an aiosqlite method: a reference cycle through the
+    connection; a large executemany's parameters) while the connection sits in the pool."""
+    path = tmp_path / "kept.db"
+    engine = await gated_engine(path, Gate())
+    try:
+        Session = asyncorm.async_sessionmaker(engine)
+
+        class Marker:
+            def __call__(self) -> int:
+                return 1
+
+        async with Session() as session:
+            driver = await driver_of(session)
+            marker = Marker()
+            assert await driver._execute(marker) == 1
+            kept = weakref.ref(marker)
+            del marker
+            assert kept() is None  # no gc.collect(): nothing holds it any more
     finally:
         await engine.dispose()
