@@ -12,7 +12,8 @@ opens a sqlite3 cursor, executes, fetches the rows, keeps ``description``, ``row
 It also carries the transaction's ``BEGIN`` (which the SQLite profile only *queues*, see
 :mod:`asyncorm._sqlite`) on the first statement's trip, and skips ``COMMIT``/``ROLLBACK`` for
 a transaction that never sent anything. A request that reads one row costs two trips (BEGIN
-with the SELECT, then ROLLBACK) instead of SQLAlchemy's five.
+with the SELECT, then ROLLBACK) instead of SQLAlchemy's five; one with the SQLite profile,
+whose subclass (:mod:`asyncorm._inline_end`) ends a read snapshot on the event loop.
 
 Calls that need more than one trip keep SQLAlchemy's behaviour: server-side cursors
 (``stream()``) are SQLAlchemy's own, after sending a queued BEGIN.

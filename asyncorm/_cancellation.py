@@ -341,9 +341,9 @@ def ending_may_suspend(connection: Connection) -> bool:
     """Whether ending ``connection``'s transaction and returning it to the pool may await IO.
 
     Not when it is closed, nor when the driver has no transaction open on it (counting calls
-    still on their way), no cancellation interrupted it, it has no isolation level to reset
-    and its queue pool will keep it: its rollback, the pool's reset and the checkin then run
-    without a single await.
+    still on their way) or only a SQLite read snapshot that ends on the loop, no cancellation
+    interrupted it, it has no isolation level to reset and its queue pool will keep it: its
+    rollback, the pool's reset and the checkin then run without a single await.
     """
     if connection.closed:
         return False
@@ -352,8 +352,11 @@ def ending_may_suspend(connection: Connection) -> bool:
     if "isolation_level" in connection.get_execution_options():
         return True  # the pool resets it at checkin: a trip to aiosqlite's thread
     pooled = connection.connection
-    if _transaction_open(pooled.dbapi_connection, pooled.driver_connection):
-        return True
+    dbapi_connection = pooled.dbapi_connection
+    if _transaction_open(dbapi_connection, pooled.driver_connection) and not getattr(
+        dbapi_connection, "ends_inline", False
+    ):
+        return True  # (a SQLite read snapshot ends on the loop: asyncorm._inline_end)
     # the pool keeps it rather than closing it (NullPool, an overflow connection)
     pool = connection.engine.pool
     return not (isinstance(pool, QueuePool) and pool.checkedin() < pool.size())

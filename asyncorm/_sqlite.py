@@ -65,7 +65,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.sql import CompoundSelect, Select
 from sqlalchemy.util import await_
 
-from ._aiosqlite import OneTripConnection, OneTripDBAPI
+from ._aiosqlite import OneTripConnection
 from ._errors import (
     ConfigurationError,
     ReadOnlySessionError,
@@ -74,6 +74,7 @@ from ._errors import (
     WriteConflictError,
     shown_statement,
 )
+from ._inline_end import InlineEndDBAPI
 from ._options import READ_ONLY
 
 __all__ = ["prepare"]
@@ -101,9 +102,13 @@ def prepare(url: URL, kwargs: dict[str, Any]) -> tuple[URL, dict[str, Any], _Ins
     connect_args["timeout"] = timeout
     # the driver's own implicit BEGIN handling off: the profile emits BEGIN itself
     connect_args.setdefault("isolation_level", None)
+    # lets a read transaction end on the event loop when the driver's thread is idle
+    # (asyncorm._inline_end); the driver's thread stays the only one running statements
+    if "check_same_thread" not in url.query:  # the URL's own setting goes to sqlite3
+        connect_args.setdefault("check_same_thread", False)
     kwargs["connect_args"] = connect_args
     # SQLAlchemy's aiosqlite adapter, one trip to the driver's thread per statement
-    kwargs.setdefault("module", OneTripDBAPI())
+    kwargs.setdefault("module", InlineEndDBAPI())
 
     keeper: sqlite3.Connection | None = None
     if _is_memory(url):

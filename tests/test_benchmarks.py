@@ -15,6 +15,7 @@ from typing import NoReturn
 import pytest
 
 import benchmarks.run
+from benchmarks import sqlite_trips
 from benchmarks._core import ASYNCORM, RAW, SQLALCHEMY, Case, Result
 from benchmarks._report import render_backend
 from benchmarks.run import main
@@ -188,3 +189,10 @@ def test_the_profiler_sorts_functions_into_layers() -> None:
     assert "| event-loop thread CPU per operation | 400 us |" in table
     assert "| asyncorm: session layer | 25% |" in table
     assert "| SA events | 75% |" in table
+
+
+def test_the_sqlite_trips_micro_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert sqlite_trips.main(["--quick", "-n", "20", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| asyncorm W1, ROLLBACK inline (now) |" in out
+    assert "| no trip: a 1,000-row scan inline on the loop | " in out
