@@ -18,11 +18,14 @@ from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.asyncio.session import _AsyncSessionContextManager
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.util import greenlet_spawn
 
 from ._begin import _BeginContext, _Transaction
 from ._cancellation import deliver_later
 from ._commit import _commit_in_two_phases, _to_completion
 from ._errors import close_in_unit_error
+from ._fastget import load as _fast_load
+from ._fastget import plan as _fast_plan
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
@@ -112,6 +115,7 @@ class AsyncSession(sa_asyncio.AsyncSession):
         *,
         read_only: bool = False,
         write: bool = False,
+        fast_get: bool = True,
         **kw: Any,
     ) -> None:
         if read_only and write:
@@ -125,6 +129,10 @@ class AsyncSession(sa_asyncio.AsyncSession):
         self.write = write
         """Whether every transaction of the session is a declared unit of work
         (``write=True``): on SQLite it begins IMMEDIATE, as ``session.begin()`` does."""
+        self.fast_get = fast_get
+        """Whether ``get()`` loads a missing object with a statement prebuilt per mapper
+        when that is exactly SQLAlchemy's load (``fast_get=True``, the default); ``False``
+        runs SQLAlchemy's ``get()`` on every identity-map miss."""
         try:
             opened_by = asyncio.current_task()
         except RuntimeError:  # constructed outside an event loop
@@ -192,6 +200,17 @@ class AsyncSession(sa_asyncio.AsyncSession):
             )
             if found is not None:
                 return found  # type: ignore[no-any-return]
+            if (
+                self.fast_get
+                and options is None
+                and populate_existing is None
+                and with_for_update is None
+                and identity_token is None
+                and not execution_options
+            ):
+                fast = _fast_plan(self.sync_session, entity, ident)
+                if fast is not None:
+                    return await greenlet_spawn(_fast_load, self.sync_session, fast)
             return await _AsyncBase.get(
                 self,
                 entity,
