@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.sql import Select
@@ -65,6 +66,9 @@ class _MapperPlan(NamedTuple):
 
 
 _MAPPERS: weakref.WeakKeyDictionary[Mapper[Any], _MapperPlan] = weakref.WeakKeyDictionary()
+
+taken = 0
+"""How many loads went through :func:`load` (for the tests: which path a get() took)."""
 
 
 class FastGetPlan(NamedTuple):
@@ -97,7 +101,7 @@ def _mapper_plan(mapper: Mapper[Any]) -> _MapperPlan:
         and mapper.polymorphic_on is None
         and not mapper.with_polymorphic
         and not mapper.always_refresh
-        and not any(rel.lazy in _EAGER for rel in mapper.relationships)
+        and not any(rel.lazy is False or rel.lazy in _EAGER for rel in mapper.relationships)
     ):
         column = mapper.primary_key[0]
         # the criterion SQLAlchemy's get() uses: the parameter's name and type included
@@ -125,7 +129,10 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
         return None
     if session.identity_map.get(mapper.identity_key_from_primary_key((ident,))) is not None:
         return None  # expired, deleted-and-flushed or another class: SQLAlchemy decides
-    bind = session.get_bind(mapper)
+    try:
+        bind = session.get_bind(mapper)
+    except UnboundExecutionError:
+        return None  # SQLAlchemy's get() raises it, after an autoflush attempt
     if not isinstance(bind, (Engine, Connection)):
         return None
     dispatch = bind.dispatch
@@ -136,5 +143,7 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
 
 def load(session: Session, fast: FastGetPlan) -> Any:
     """Run ``fast`` in ``session`` (inside the greenlet bridge) as SQLAlchemy's get() does."""
+    global taken
+    taken += 1
     result = session.execute(fast.statement, fast.params, execution_options=_EXECUTION_OPTIONS)
     return result.unique().scalars().one_or_none()
