@@ -65,7 +65,9 @@ class _MapperPlan(NamedTuple):
     param: str
 
 
-_MAPPERS: weakref.WeakKeyDictionary[Mapper[Any], _MapperPlan] = weakref.WeakKeyDictionary()
+# the attribute of a Mapper holding its _MapperPlan: on the mapper, so that it lives as long
+# as the mapper (a WeakKeyDictionary would keep it alive: the statement refers to the mapper)
+_PLAN_ATTRIBUTE = "_asyncorm_fast_get"
 
 taken = 0
 """How many loads went through :func:`load` (for the tests: which path a get() took)."""
@@ -90,7 +92,7 @@ def _plain_session(session_cls: type[Session]) -> bool:
 
 def _mapper_plan(mapper: Mapper[Any]) -> _MapperPlan:
     attrs = mapper.attrs
-    cached = _MAPPERS.get(mapper)
+    cached: _MapperPlan | None = getattr(mapper, _PLAN_ATTRIBUTE, None)
     if cached is not None and cached.attrs is attrs:
         return cached
     statement: Select[Any] | None = None
@@ -106,7 +108,8 @@ def _mapper_plan(mapper: Mapper[Any]) -> _MapperPlan:
         column = mapper.primary_key[0]
         # the criterion SQLAlchemy's get() uses: the parameter's name and type included
         statement = select(mapper).where(column == bindparam(param, type_=column.type))
-    cached = _MAPPERS[mapper] = _MapperPlan(attrs, statement, param)
+    cached = _MapperPlan(attrs, statement, param)
+    setattr(mapper, _PLAN_ATTRIBUTE, cached)
     return cached
 
 

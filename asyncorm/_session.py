@@ -64,8 +64,9 @@ class AsyncSession(sa_asyncio.AsyncSession):
       column outside an awaited call raises :class:`~asyncorm.LazyLoadError` naming the
       attribute and the fixes.
     * **get() without a greenlet.** ``await session.get(User, 5)`` answers from the identity
-      map directly when the object is there and not expired; otherwise it is SQLAlchemy's
-      ``get()``.
+      map directly when the object is there and not expired; on a miss it loads the row with
+      a statement prebuilt per mapper when that is exactly SQLAlchemy's load
+      (``fast_get=False`` turns that off); otherwise it is SQLAlchemy's ``get()``.
     * **Clean cancellation.** ``close()``, ``rollback()`` and the rollback of a failed
       ``async with session.begin():`` run to completion when the task is cancelled, and the
       cancellation is raised after; with an engine from :func:`asyncorm.create_engine` the
@@ -182,7 +183,11 @@ class AsyncSession(sa_asyncio.AsyncSession):
 
         An object present in the identity map and not expired is returned without SQL and
         without entering SQLAlchemy's greenlet bridge (``options`` do not apply to such an
-        object in SQLAlchemy's ``get()`` either).
+        object in SQLAlchemy's ``get()`` either). A missing object is loaded with a
+        ``select()`` built once per mapper, the same SQL and the same load as ``get()``'s,
+        unless an argument, the identifier, the mapper or a listener could make the results
+        differ (docs/sessions.md, "get() by primary key"); then, and with
+        ``fast_get=False``, it is SQLAlchemy's ``get()``.
 
         Example::
 

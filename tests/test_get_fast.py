@@ -240,6 +240,12 @@ async def pending(session: sa_asyncio.AsyncSession) -> Objects:
     return {"cat": cat}
 
 
+async def duplicate(session: sa_asyncio.AsyncSession) -> Objects:
+    other_ann = User(id=1, name="ann again")
+    session.add(other_ann)
+    return {"other ann": other_ann}
+
+
 async def dirty(session: sa_asyncio.AsyncSession) -> Objects:
     objects = await ann_and_bob(session)
     objects["ann"].name = "anne"
@@ -291,6 +297,7 @@ FAST: dict[str, tuple[Setup, Call, int]] = {
     "others in the session": (ann_and_bob, lambda s, o: s.get(Address, 1), 1),
     "another class, same id": (ann_and_bob, lambda s, o: s.get(Address, 2), 1),
     "pending, autoflushed": (pending, lambda s, o: s.get(User, 3), 1),
+    "the autoflush fails": (duplicate, lambda s, o: s.get(User, 2), 1),
     "dirty, autoflushed": (dirty, lambda s, o: s.get(Address, 1), 1),
     "deleted, autoflushed": (bob_deleted, lambda s, o: s.get(Address, 1), 1),
     "deleted and flushed": (bob_deleted_and_flushed, lambda s, o: s.get(User, 2), 1),
