@@ -131,15 +131,17 @@ class AsyncSession(sa_asyncio.AsyncSession):
         """Whether every transaction of the session is a declared unit of work
         (``write=True``): on SQLite it begins IMMEDIATE, as ``session.begin()`` does."""
         self.fast_get = fast_get
-        """Whether ``get()`` loads a missing object with a statement prebuilt per mapper
-        when that is exactly SQLAlchemy's load (``fast_get=True``, the default); ``False``
-        runs SQLAlchemy's ``get()`` on every identity-map miss."""
         try:
             opened_by = asyncio.current_task()
         except RuntimeError:  # constructed outside an event loop
             opened_by = None
         self._asyncorm_opened_by = opened_by
         """The task that opened the session: the owner of the SQLite writer turn it takes."""
+
+    fast_get: bool = True
+    """Whether ``get()`` loads a missing object with a statement prebuilt per mapper when
+    that is exactly SQLAlchemy's load (the default); ``False`` runs SQLAlchemy's ``get()`` on
+    every identity-map miss. Set by the ``fast_get`` argument; may be changed at any time."""
 
     _asyncorm_owner: object | None = None
     """The task inside an operation on this session, None when idle (see ``_guards``)."""
