@@ -131,7 +131,7 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
     if statement is None or mapper.with_polymorphic:
         return None
     if session.identity_map.get(mapper.identity_key_from_primary_key((ident,))) is not None:
-        return None  # expired, deleted-and-flushed or another class: SQLAlchemy decides
+        return None  # present but expired, or of another class: SQLAlchemy decides
     try:
         bind = session.get_bind(mapper)
     except UnboundExecutionError:
