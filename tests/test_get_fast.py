@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import ForeignKey, String, delete, event, inspect, select, text, update
-from sqlalchemy.engine import Connection, ExecutionContext
+from sqlalchemy.engine import Connection, Engine, ExecutionContext
 from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import (
@@ -443,16 +443,17 @@ async def test_statement_listeners_on_the_engine_see_sqlalchemys_get(
     def before_execute(conn: Connection, clause: Any, *args: Any) -> None:
         statements.append(clause)
 
-    for name in ("before_execute", "after_execute"):
-        event.listen(engine.sync_engine, name, before_execute)
-        try:
-            before = _fastget.taken
-            async with asyncorm.AsyncSession(engine) as session:
-                assert await session.get(User, 2) is not None
-            assert _fastget.taken == before
-        finally:
-            event.remove(engine.sync_engine, name, before_execute)
-    assert len(statements) == 2
+    for target in (engine.sync_engine, Engine):  # this engine, or every engine
+        for name in ("before_execute", "after_execute"):
+            event.listen(target, name, before_execute)
+            try:
+                before = _fastget.taken
+                async with asyncorm.AsyncSession(engine) as session:
+                    assert await session.get(User, 2) is not None
+                assert _fastget.taken == before
+            finally:
+                event.remove(target, name, before_execute)
+    assert len(statements) == 4
 
 
 async def test_a_session_class_with_its_own_bind_resolution(engine: AsyncEngine) -> None:
