@@ -18,11 +18,14 @@ from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.asyncio.session import _AsyncSessionContextManager
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.util import greenlet_spawn
 
 from ._begin import _BeginContext, _Transaction
 from ._cancellation import deliver_later
 from ._commit import _commit_in_two_phases, _to_completion
 from ._errors import close_in_unit_error
+from ._fastget import load as _fast_load
+from ._fastget import plan as _fast_plan
 from ._guards import enter, guarded, leave
 from ._identity import identity_map_hit
 from ._lazyload import SyncSession
@@ -61,8 +64,9 @@ class AsyncSession(sa_asyncio.AsyncSession):
       column outside an awaited call raises :class:`~asyncorm.LazyLoadError` naming the
       attribute and the fixes.
     * **get() without a greenlet.** ``await session.get(User, 5)`` answers from the identity
-      map directly when the object is there and not expired; otherwise it is SQLAlchemy's
-      ``get()``.
+      map directly when the object is there and not expired; on a miss it loads the row with
+      a statement prebuilt per mapper when that is exactly SQLAlchemy's load
+      (``fast_get=False`` turns that off); otherwise it is SQLAlchemy's ``get()``.
     * **Clean cancellation.** ``close()``, ``rollback()`` and the rollback of a failed
       ``async with session.begin():`` run to completion when the task is cancelled, and the
       cancellation is raised after; with an engine from :func:`asyncorm.create_engine` the
@@ -112,6 +116,7 @@ class AsyncSession(sa_asyncio.AsyncSession):
         *,
         read_only: bool = False,
         write: bool = False,
+        fast_get: bool = True,
         **kw: Any,
     ) -> None:
         if read_only and write:
@@ -125,12 +130,18 @@ class AsyncSession(sa_asyncio.AsyncSession):
         self.write = write
         """Whether every transaction of the session is a declared unit of work
         (``write=True``): on SQLite it begins IMMEDIATE, as ``session.begin()`` does."""
+        self.fast_get = fast_get
         try:
             opened_by = asyncio.current_task()
         except RuntimeError:  # constructed outside an event loop
             opened_by = None
         self._asyncorm_opened_by = opened_by
         """The task that opened the session: the owner of the SQLite writer turn it takes."""
+
+    fast_get: bool = True
+    """Whether ``get()`` loads a missing object with a statement prebuilt per mapper when
+    that is exactly SQLAlchemy's load (the default); ``False`` runs SQLAlchemy's ``get()`` on
+    every identity-map miss. Set by the ``fast_get`` argument; may be changed at any time."""
 
     _asyncorm_owner: object | None = None
     """The task inside an operation on this session, None when idle (see ``_guards``)."""
@@ -174,7 +185,11 @@ class AsyncSession(sa_asyncio.AsyncSession):
 
         An object present in the identity map and not expired is returned without SQL and
         without entering SQLAlchemy's greenlet bridge (``options`` do not apply to such an
-        object in SQLAlchemy's ``get()`` either).
+        object in SQLAlchemy's ``get()`` either). A missing object is loaded with a
+        ``select()`` built once per mapper, the same SQL and the same load as ``get()``'s,
+        unless an argument, the identifier, the mapper or a listener could make the results
+        differ (docs/sessions.md, "get() by primary key"); then, and with
+        ``fast_get=False``, it is SQLAlchemy's ``get()``.
 
         Example::
 
@@ -192,6 +207,17 @@ class AsyncSession(sa_asyncio.AsyncSession):
             )
             if found is not None:
                 return found  # type: ignore[no-any-return]
+            if (
+                self.fast_get
+                and options is None
+                and populate_existing is None
+                and with_for_update is None
+                and identity_token is None
+                and not execution_options
+            ):
+                fast = _fast_plan(self.sync_session, entity, ident)
+                if fast is not None:
+                    return await greenlet_spawn(_fast_load, self.sync_session, fast)
             return await _AsyncBase.get(
                 self,
                 entity,
