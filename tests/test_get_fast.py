@@ -18,12 +18,15 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, String, delete, event, inspect, select, text, update
+from sqlalchemy import ForeignKey, String, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import Connection, ExecutionContext
 from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import (
     DeclarativeBase,
+    backref,
     Mapped,
     ORMExecuteState,
     Session,
@@ -120,6 +123,24 @@ class Versioned(OddBase):  # a version counter does not change a plain get()
     __mapper_args__: Any = MappingProxyType({"version_id_col": version})
 
 
+class CaseInsensitive(TypeDecorator[str]):
+    """A string compared case-insensitively (SQLAlchemy's documented comparator recipe):
+    ``pk == :pk_1`` renders ``lower(pk) = lower(:pk_1)``, which several rows can match."""
+
+    impl = String(20)
+    cache_ok = True
+
+    class comparator_factory(String.Comparator[str]):  # noqa: N801 (SQLAlchemy's name)
+        def __eq__(self, other: Any) -> ColumnElement[bool]:  # type: ignore[override]
+            return func.lower(self.expr) == func.lower(other)
+
+
+class Word(OddBase):  # a key whose criterion matches more than one row
+    __tablename__ = "asyncorm_fast_words"
+
+    spelling: Mapped[str] = mapped_column(CaseInsensitive, primary_key=True)
+
+
 @pytest.fixture(autouse=True)
 async def seed(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
@@ -138,6 +159,8 @@ async def seed(engine: AsyncEngine) -> None:
                 Person(id=1),
                 Boss(id=2),
                 Versioned(id=1),
+                Word(spelling="red"),
+                Word(spelling="RED"),
             ]
         )
         await session.commit()
@@ -307,6 +330,8 @@ FAST: dict[str, tuple[Setup, Call, int]] = {
     "get_one": (nothing, lambda s, o: s.get_one(User, 2), 1),
     "get_one, no such row": (nothing, lambda s, o: s.get_one(User, 99), 1),
     "twice": (nothing, lambda s, o: asyncio.gather(s.get(User, 1)), 1),
+    # SQLAlchemy reads the row with one(): MultipleResultsFound says "exactly one"
+    "several rows match": (nothing, lambda s, o: s.get(Word, "red"), 1),
 }
 
 FALLBACK: dict[str, tuple[Setup, Call]] = {
@@ -547,3 +572,81 @@ async def waiting_on_lock(engine: AsyncEngine) -> bool:
             )
         )
     return bool(waiting)
+
+
+async def test_an_eager_backref_declared_after_a_fast_get(engine: AsyncEngine) -> None:
+    """A class declared later can give the mapper an eager relationship (a backref): the
+    mapper changes only when the registry is configured, which SQLAlchemy's get() does
+    first, so the plan made before must not be used while the registry has new mappers."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class Early(LocalBase):
+        __tablename__ = "asyncorm_fast_early"
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(LocalBase.metadata.create_all)
+        await conn.execute(text("INSERT INTO asyncorm_fast_early (id) VALUES (1)"))
+    try:
+        before = _fastget.taken
+        async with asyncorm.AsyncSession(engine) as session:
+            assert await session.get(Early, 1) is not None
+        assert _fastget.taken == before + 1
+
+        class LateKid(LocalBase):
+            __tablename__ = "asyncorm_fast_late_kids"
+
+            id: Mapped[int] = mapped_column(primary_key=True)
+            early_id: Mapped[int] = mapped_column(ForeignKey("asyncorm_fast_early.id"))
+            early: Mapped[Early] = relationship(backref=backref("kids", lazy="selectin"))
+
+        async with engine.begin() as conn:
+            await conn.run_sync(LocalBase.metadata.create_all)
+        loaded = {}
+        for name, session in (
+            ("ours", asyncorm.AsyncSession(engine)),
+            ("sqlalchemy", sa_asyncio.AsyncSession(engine)),
+        ):
+            async with session:
+                with sent(engine) as statements:
+                    early = await session.get(Early, 1)
+                assert early is not None
+                loaded[name] = ("kids" in inspect(early).dict, len(statements))
+        assert loaded["ours"] == loaded["sqlalchemy"] == (True, 2)
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(LocalBase.metadata.drop_all)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: a before_execute listener on the session's own Connection is not "
+    "seen by the plan (it checks the bind get_bind() returns, an Engine)",
+)
+async def test_statement_listeners_on_the_sessions_connection(engine: AsyncEngine) -> None:
+    """A listener on the Connection the session uses receives the statement object, as one
+    on the engine does (test_statement_listeners_on_the_engine_see_sqlalchemys_get)."""
+    seen: dict[str, list[Any]] = {}
+    sessions: dict[str, Callable[[], sa_asyncio.AsyncSession]] = {
+        "ours": lambda: asyncorm.AsyncSession(engine),
+        "sqlalchemy": lambda: sa_asyncio.AsyncSession(engine),
+    }
+    for name, make in sessions.items():
+        clauses: list[Any] = []
+
+        def before_execute(conn: Connection, clause: Any, *args: Any) -> None:
+            clauses.append(clause)
+
+        async with make() as session:
+            conn = await session.connection()
+            event.listen(conn.sync_connection, "before_execute", before_execute)
+            before = _fastget.taken
+            assert await session.get(User, 2) is not None
+            assert _fastget.taken == before
+        # what a listener can tell apart: SQLAlchemy's get() sends a new statement with the
+        # ORM's compile options each time
+        seen[name] = [(str(c), type(c._compile_options).__name__) for c in clauses]
+    assert seen["ours"] == seen["sqlalchemy"]
