@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import UnboundExecutionError
+from sqlalchemy.exc import NoResultFound, UnboundExecutionError
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.sql import Select
@@ -124,6 +124,11 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
     mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
     if mapper is None or mapper.class_ is not entity:
         return None
+    if mapper.registry._new_mappers:
+        # classes declared since the registry was configured can still change this mapper
+        # (a backref, eager or not) without a new mapper.attrs: SQLAlchemy's get() configures
+        # the registry (when it compiles), and the plan is rebuilt after that
+        return None
     if session.dispatch.do_orm_execute:
         return None
     mapper_plan = _mapper_plan(mapper)
@@ -149,4 +154,7 @@ def load(session: Session, fast: FastGetPlan) -> Any:
     global taken
     taken += 1
     result = session.execute(fast.statement, fast.params, execution_options=_EXECUTION_OPTIONS)
-    return result.unique().scalars().one_or_none()
+    try:  # one(), as SQLAlchemy: several rows raise its "exactly one" MultipleResultsFound
+        return result.unique().scalars().one()
+    except NoResultFound:
+        return None
