@@ -18,11 +18,14 @@ class (it reloads, or finds the row deleted, or answers ``None``); ``options``,
 ``execution_options`` (they change the load); identifiers it converts (composites, dicts,
 ``None``, tuples, floats, bools) or a composite primary key; ``always_refresh``; mappers with
 inheritance or polymorphic loading, or eager relationship loaders (the statement and the
-loaders' own queries are built from it); a Session subclass with its own lookup or bind
-resolution (horizontal sharding, read replicas); and listeners that can tell the two
-statements apart: ``do_orm_execute`` on the session (its ``ORMExecuteState`` carries the
-statement, whose ORM compile options differ) and ``before_execute``/``after_execute`` on its
-engine or connection (they receive the statement object).
+loaders' own queries are built from it); a registry with mappers not configured yet (they
+may add an eager backref: SQLAlchemy's get() configures when it compiles); a Session
+subclass with its own lookup or bind resolution (horizontal sharding, read replicas); and
+listeners that can tell the two statements apart: ``do_orm_execute`` on the session (its
+``ORMExecuteState`` carries the statement, whose ORM compile options differ) and
+``before_execute``/``after_execute`` on its engine or connection (they receive the
+statement object). Not seen: such a listener on the
+Connection a session bound to an engine checked out for its transaction.
 """
 
 from __future__ import annotations
