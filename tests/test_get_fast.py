@@ -12,6 +12,7 @@ every case also asserts that the fast path was, or was not, used.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -28,7 +29,9 @@ from sqlalchemy.orm import (
     ORMExecuteState,
     Session,
     backref,
+    column_property,
     mapped_column,
+    query_expression,
     relationship,
     selectinload,
 )
@@ -141,6 +144,28 @@ class Word(OddBase):  # a key whose criterion matches more than one row
     spelling: Mapped[str] = mapped_column(CaseInsensitive, primary_key=True)
 
 
+class Rich(OddBase):  # mapper-level loading choices the prebuilt select(Rich) must keep
+    __tablename__ = "asyncorm_fast_rich"
+
+    ident: Mapped[int] = mapped_column("rich_id", primary_key=True)
+    a: Mapped[str] = mapped_column(String(10), deferred=True, deferred_group="g")
+    b: Mapped[str] = mapped_column(String(10), deferred=True, deferred_group="g")
+    c: Mapped[str] = mapped_column(String(10), deferred=True, deferred_raiseload=True)
+    n: Mapped[int] = mapped_column()
+    doubled: Mapped[int] = column_property(n * 2)
+    extra: Mapped[int | None] = query_expression()
+
+
+class Keyed(OddBase):  # a UUID primary key
+    __tablename__ = "asyncorm_fast_keyed"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    n: Mapped[int]
+
+
+KEY = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+
 @pytest.fixture(autouse=True)
 async def seed(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
@@ -161,6 +186,8 @@ async def seed(engine: AsyncEngine) -> None:
                 Versioned(id=1),
                 Word(spelling="red"),
                 Word(spelling="RED"),
+                Rich(ident=1, a="a", b="b", c="c", n=3),
+                Keyed(id=KEY, n=1),
             ]
         )
         await session.commit()
@@ -309,6 +336,14 @@ async def changed_elsewhere(session: sa_asyncio.AsyncSession) -> Objects:
     return {}
 
 
+async def bob_renamed_in_this_transaction(session: sa_asyncio.AsyncSession) -> Objects:
+    await session.execute(
+        update(User).where(User.id == 2).values(name="bobby"),
+        execution_options={"synchronize_session": False},
+    )
+    return {}
+
+
 async def kid_loaded(session: sa_asyncio.AsyncSession) -> Objects:
     return {"kid": await session.get(Kid, 1)}
 
@@ -330,6 +365,18 @@ FAST: dict[str, tuple[Setup, Call, int]] = {
     "get_one": (nothing, lambda s, o: s.get_one(User, 2), 1),
     "get_one, no such row": (nothing, lambda s, o: s.get_one(User, 99), 1),
     "twice": (nothing, lambda s, o: asyncio.gather(s.get(User, 1)), 1),
+    "written in this transaction": (
+        bob_renamed_in_this_transaction,
+        lambda s, o: s.get(User, 2),
+        1,
+    ),
+    "deferred group, column_property, query_expression": (
+        nothing,
+        lambda s, o: s.get(Rich, 1),
+        1,
+    ),
+    "uuid key": (nothing, lambda s, o: s.get(Keyed, KEY), 1),
+    "uuid key as a string": (nothing, lambda s, o: s.get(Keyed, str(KEY)), 1),
     # SQLAlchemy reads the row with one(): MultipleResultsFound says "exactly one"
     "several rows match": (nothing, lambda s, o: s.get(Word, "red"), 1),
 }
@@ -375,6 +422,37 @@ async def test_sqlalchemys_get_where_the_fast_path_does_not_apply(
 ) -> None:
     setup, call = FALLBACK[case]
     assert await compared(engine, setup, call) == 0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"execution_options": {"populate_existing": True}},
+        {"execution_options": {"autoflush": False}},
+        {"autoflush": False},
+        {"execution_options": {"identity_token": "x"}},
+    ],
+    ids=["populate_existing", "autoflush option", "autoflush=False", "identity_token"],
+)
+async def test_session_execution_options(engine: AsyncEngine, kw: dict[str, Any]) -> None:
+    """Options set on the session apply to the prebuilt statement as to get()'s."""
+
+    async def setup(session: sa_asyncio.AsyncSession) -> Objects:
+        objects = await ann_and_bob(session)
+        objects.update(await pending(session))
+        objects["bob"].name = "changed"
+        return objects
+
+    assert await compared(engine, setup, lambda s, o: s.get(User, 3), **kw) == 1
+    assert await compared(engine, setup, lambda s, o: s.get(Address, 1), **kw) == 1
+
+
+async def test_no_autoflush_block(engine: AsyncEngine) -> None:
+    async def call(session: sa_asyncio.AsyncSession, objects: Objects) -> Any:
+        with session.no_autoflush:
+            return await session.get(User, 3)
+
+    assert await compared(engine, pending, call) == 1
 
 
 async def test_read_only_and_write_sessions(engine: AsyncEngine) -> None:
