@@ -23,9 +23,9 @@ may add an eager backref: SQLAlchemy's get() configures when it compiles); a Ses
 subclass with its own lookup or bind resolution (horizontal sharding, read replicas); and
 listeners that can tell the two statements apart: ``do_orm_execute`` on the session (its
 ``ORMExecuteState`` carries the statement, whose ORM compile options differ) and
-``before_execute``/``after_execute`` on its engine or connection (they receive the
-statement object). Not seen: such a listener on the
-Connection a session bound to an engine checked out for its transaction.
+``before_execute``/``after_execute`` on its engine or connection, or on a connection the
+session's transaction checked out (they receive the statement object; the last is seen
+from SQLAlchemy 2.1.7 on).
 """
 
 from __future__ import annotations
@@ -149,6 +149,13 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
     dispatch = bind.dispatch
     if dispatch.before_execute or dispatch.after_execute:
         return None
+    transaction = session.get_transaction()
+    if transaction is not None:
+        # listeners can also be on the Connection the transaction checked out of that engine
+        # (SessionTransaction.connections: SQLAlchemy 2.1.7, it acquires nothing)
+        for conn in getattr(transaction, "connections", ()):
+            if conn.dispatch.before_execute or conn.dispatch.after_execute:
+                return None
     return FastGetPlan(statement, {mapper_plan.param: ident})
 
 

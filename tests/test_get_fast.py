@@ -704,11 +704,6 @@ async def test_an_eager_backref_declared_after_a_fast_get(engine: AsyncEngine) -
             await conn.run_sync(LocalBase.metadata.drop_all)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a before_execute listener on the session's own Connection is not "
-    "seen by the plan (it checks the bind get_bind() returns, an Engine)",
-)
 async def test_statement_listeners_on_the_sessions_connection(engine: AsyncEngine) -> None:
     """A listener on the Connection the session uses receives the statement object, as one
     on the engine does (test_statement_listeners_on_the_engine_see_sqlalchemys_get)."""
