@@ -15,6 +15,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -41,7 +42,7 @@ from sqlalchemy.types import TypeDecorator
 import asyncorm
 from asyncorm import _fastget
 from asyncorm._lazyload import SyncSession
-from tests.conftest import Backend
+from tests.conftest import Backend, postgres_url
 from tests.models import Address, User
 
 Objects = dict[str, Any]
@@ -730,3 +731,34 @@ async def test_statement_listeners_on_the_sessions_connection(engine: AsyncEngin
         # ORM's compile options each time
         seen[name] = [(str(c), type(c._compile_options).__name__) for c in clauses]
     assert seen["ours"] == seen["sqlalchemy"]
+
+
+async def test_one_statement_on_two_dialects(
+    engine: AsyncEngine, backend: Backend, tmp_path: Path
+) -> None:
+    """The prebuilt statement is compiled per dialect: a SQLite and a PostgreSQL engine,
+    picked per class by ``binds``, in turn, each get their own SQL and rows."""
+    other_url = postgres_url() if backend.is_sqlite else f"sqlite:///{tmp_path / 'other.db'}"
+    other = asyncorm.create_engine(other_url)
+    try:
+        async with other.begin() as conn:
+            await conn.run_sync(OddBase.metadata.drop_all)
+            await conn.run_sync(OddBase.metadata.create_all)
+            await conn.execute(
+                text(
+                    "INSERT INTO asyncorm_fast_rich (rich_id, a, b, c, n)"
+                    " VALUES (1, 'A', 'B', 'C', 30)"
+                )
+            )
+        for _ in range(2):
+            for bind, n in ((engine, 3), (other, 30)):
+                async with asyncorm.AsyncSession(engine, binds={Rich: bind}) as session:
+                    before = _fastget.taken
+                    rich = await session.get(Rich, 1)
+                    assert _fastget.taken == before + 1
+                    assert rich is not None
+                    assert (rich.n, rich.doubled) == (n, 2 * n)
+    finally:
+        async with other.begin() as conn:
+            await conn.run_sync(OddBase.metadata.drop_all)
+        await other.dispose()
