@@ -18,11 +18,14 @@ class (it reloads, or finds the row deleted, or answers ``None``); ``options``,
 ``execution_options`` (they change the load); identifiers it converts (composites, dicts,
 ``None``, tuples, floats, bools) or a composite primary key; ``always_refresh``; mappers with
 inheritance or polymorphic loading, or eager relationship loaders (the statement and the
-loaders' own queries are built from it); a Session subclass with its own lookup or bind
-resolution (horizontal sharding, read replicas); and listeners that can tell the two
-statements apart: ``do_orm_execute`` on the session (its ``ORMExecuteState`` carries the
-statement, whose ORM compile options differ) and ``before_execute``/``after_execute`` on its
-engine or connection (they receive the statement object).
+loaders' own queries are built from it); a registry with mappers not configured yet (they
+may add an eager backref: SQLAlchemy's get() configures when it compiles); a Session
+subclass with its own lookup or bind resolution (horizontal sharding, read replicas); and
+listeners that can tell the two statements apart: ``do_orm_execute`` on the session (its
+``ORMExecuteState`` carries the statement, whose ORM compile options differ) and
+``before_execute``/``after_execute`` on its engine or connection, or on a connection the
+session's transaction checked out (they receive the statement object; the last is seen
+from SQLAlchemy 2.1.7 on).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import UnboundExecutionError
+from sqlalchemy.exc import NoResultFound, UnboundExecutionError
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.sql import Select
@@ -124,6 +127,11 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
     mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
     if mapper is None or mapper.class_ is not entity:
         return None
+    if mapper.registry._new_mappers:
+        # classes declared since the registry was configured can still change this mapper
+        # (a backref, eager or not) without a new mapper.attrs: SQLAlchemy's get() configures
+        # the registry (when it compiles), and the plan is rebuilt after that
+        return None
     if session.dispatch.do_orm_execute:
         return None
     mapper_plan = _mapper_plan(mapper)
@@ -141,6 +149,13 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
     dispatch = bind.dispatch
     if dispatch.before_execute or dispatch.after_execute:
         return None
+    transaction = session.get_transaction()
+    if transaction is not None:
+        # listeners can also be on the Connection the transaction checked out of that engine
+        # (SessionTransaction.connections: SQLAlchemy 2.1.7, it acquires nothing)
+        for conn in getattr(transaction, "connections", ()):
+            if conn.dispatch.before_execute or conn.dispatch.after_execute:
+                return None
     return FastGetPlan(statement, {mapper_plan.param: ident})
 
 
@@ -149,4 +164,7 @@ def load(session: Session, fast: FastGetPlan) -> Any:
     global taken
     taken += 1
     result = session.execute(fast.statement, fast.params, execution_options=_EXECUTION_OPTIONS)
-    return result.unique().scalars().one_or_none()
+    try:  # one(), as SQLAlchemy: several rows raise its "exactly one" MultipleResultsFound
+        return result.unique().scalars().one()
+    except NoResultFound:
+        return None

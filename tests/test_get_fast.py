@@ -12,13 +12,15 @@ every case also asserts that the fast path was, or was not, used.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, String, delete, event, inspect, select, text, update
+from sqlalchemy import ForeignKey, String, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine, ExecutionContext
 from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,15 +29,20 @@ from sqlalchemy.orm import (
     Mapped,
     ORMExecuteState,
     Session,
+    backref,
+    column_property,
     mapped_column,
+    query_expression,
     relationship,
     selectinload,
 )
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
 
 import asyncorm
 from asyncorm import _fastget
 from asyncorm._lazyload import SyncSession
-from tests.conftest import Backend
+from tests.conftest import Backend, postgres_url
 from tests.models import Address, User
 
 Objects = dict[str, Any]
@@ -120,6 +127,46 @@ class Versioned(OddBase):  # a version counter does not change a plain get()
     __mapper_args__: Any = MappingProxyType({"version_id_col": version})
 
 
+class CaseInsensitive(TypeDecorator[str]):
+    """A string compared case-insensitively (SQLAlchemy's documented comparator recipe):
+    ``pk == :pk_1`` renders ``lower(pk) = lower(:pk_1)``, which several rows can match."""
+
+    impl = String(20)
+    cache_ok = True
+
+    class comparator_factory(String.Comparator[str]):
+        def __eq__(self, other: Any) -> ColumnElement[bool]:  # type: ignore[override]
+            return func.lower(self.expr) == func.lower(other)
+
+
+class Word(OddBase):  # a key whose criterion matches more than one row
+    __tablename__ = "asyncorm_fast_words"
+
+    spelling: Mapped[str] = mapped_column(CaseInsensitive, primary_key=True)
+
+
+class Rich(OddBase):  # mapper-level loading choices the prebuilt select(Rich) must keep
+    __tablename__ = "asyncorm_fast_rich"
+
+    ident: Mapped[int] = mapped_column("rich_id", primary_key=True)
+    a: Mapped[str] = mapped_column(String(10), deferred=True, deferred_group="g")
+    b: Mapped[str] = mapped_column(String(10), deferred=True, deferred_group="g")
+    c: Mapped[str] = mapped_column(String(10), deferred=True, deferred_raiseload=True)
+    n: Mapped[int] = mapped_column()
+    doubled: Mapped[int] = column_property(n * 2)
+    extra: Mapped[int | None] = query_expression()
+
+
+class Keyed(OddBase):  # a UUID primary key
+    __tablename__ = "asyncorm_fast_keyed"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    n: Mapped[int]
+
+
+KEY = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+
 @pytest.fixture(autouse=True)
 async def seed(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
@@ -138,6 +185,10 @@ async def seed(engine: AsyncEngine) -> None:
                 Person(id=1),
                 Boss(id=2),
                 Versioned(id=1),
+                Word(spelling="red"),
+                Word(spelling="RED"),
+                Rich(ident=1, a="a", b="b", c="c", n=3),
+                Keyed(id=KEY, n=1),
             ]
         )
         await session.commit()
@@ -286,6 +337,14 @@ async def changed_elsewhere(session: sa_asyncio.AsyncSession) -> Objects:
     return {}
 
 
+async def bob_renamed_in_this_transaction(session: sa_asyncio.AsyncSession) -> Objects:
+    await session.execute(
+        update(User).where(User.id == 2).values(name="bobby"),
+        execution_options={"synchronize_session": False},
+    )
+    return {}
+
+
 async def kid_loaded(session: sa_asyncio.AsyncSession) -> Objects:
     return {"kid": await session.get(Kid, 1)}
 
@@ -307,6 +366,20 @@ FAST: dict[str, tuple[Setup, Call, int]] = {
     "get_one": (nothing, lambda s, o: s.get_one(User, 2), 1),
     "get_one, no such row": (nothing, lambda s, o: s.get_one(User, 99), 1),
     "twice": (nothing, lambda s, o: asyncio.gather(s.get(User, 1)), 1),
+    "written in this transaction": (
+        bob_renamed_in_this_transaction,
+        lambda s, o: s.get(User, 2),
+        1,
+    ),
+    "deferred group, column_property, query_expression": (
+        nothing,
+        lambda s, o: s.get(Rich, 1),
+        1,
+    ),
+    "uuid key": (nothing, lambda s, o: s.get(Keyed, KEY), 1),
+    "uuid key as a string": (nothing, lambda s, o: s.get(Keyed, str(KEY)), 1),
+    # SQLAlchemy reads the row with one(): MultipleResultsFound says "exactly one"
+    "several rows match": (nothing, lambda s, o: s.get(Word, "red"), 1),
 }
 
 FALLBACK: dict[str, tuple[Setup, Call]] = {
@@ -350,6 +423,37 @@ async def test_sqlalchemys_get_where_the_fast_path_does_not_apply(
 ) -> None:
     setup, call = FALLBACK[case]
     assert await compared(engine, setup, call) == 0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"execution_options": {"populate_existing": True}},
+        {"execution_options": {"autoflush": False}},
+        {"autoflush": False},
+        {"execution_options": {"identity_token": "x"}},
+    ],
+    ids=["populate_existing", "autoflush option", "autoflush=False", "identity_token"],
+)
+async def test_session_execution_options(engine: AsyncEngine, kw: dict[str, Any]) -> None:
+    """Options set on the session apply to the prebuilt statement as to get()'s."""
+
+    async def setup(session: sa_asyncio.AsyncSession) -> Objects:
+        objects = await ann_and_bob(session)
+        objects.update(await pending(session))
+        objects["bob"].name = "changed"
+        return objects
+
+    assert await compared(engine, setup, lambda s, o: s.get(User, 3), **kw) == 1
+    assert await compared(engine, setup, lambda s, o: s.get(Address, 1), **kw) == 1
+
+
+async def test_no_autoflush_block(engine: AsyncEngine) -> None:
+    async def call(session: sa_asyncio.AsyncSession, objects: Objects) -> Any:
+        with session.no_autoflush:
+            return await session.get(User, 3)
+
+    assert await compared(engine, pending, call) == 1
 
 
 async def test_read_only_and_write_sessions(engine: AsyncEngine) -> None:
@@ -491,6 +595,7 @@ async def test_a_property_added_later_is_seen(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(LocalBase.metadata.create_all)
         await conn.execute(text("INSERT INTO asyncorm_fast_later (id) VALUES (1)"))
+    LocalBase.registry.configure()  # as at startup: an unconfigured registry falls back
     try:
         before = _fastget.taken
         async with asyncorm.AsyncSession(engine) as session:
@@ -548,3 +653,113 @@ async def waiting_on_lock(engine: AsyncEngine) -> bool:
             )
         )
     return bool(waiting)
+
+
+async def test_an_eager_backref_declared_after_a_fast_get(engine: AsyncEngine) -> None:
+    """A class declared later can give the mapper an eager relationship (a backref): the
+    mapper changes only when the registry is configured, which SQLAlchemy's get() does
+    when it compiles its statement (not when that is in the compiled cache: then it
+    does not see the backref either), so while the registry has new mappers asyncorm's get()
+    is SQLAlchemy's, whatever that does."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class Early(LocalBase):
+        __tablename__ = "asyncorm_fast_early"
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(LocalBase.metadata.create_all)
+        await conn.execute(text("INSERT INTO asyncorm_fast_early (id) VALUES (1)"))
+    LocalBase.registry.configure()
+    try:
+        before = _fastget.taken
+        async with asyncorm.AsyncSession(engine) as session:
+            assert await session.get(Early, 1) is not None
+        assert _fastget.taken == before + 1
+
+        class LateKid(LocalBase):
+            __tablename__ = "asyncorm_fast_late_kids"
+
+            id: Mapped[int] = mapped_column(primary_key=True)
+            early_id: Mapped[int] = mapped_column(ForeignKey("asyncorm_fast_early.id"))
+            early: Mapped[Early] = relationship(backref=backref("kids", lazy="selectin"))
+
+        async with engine.begin() as conn:
+            await conn.run_sync(LocalBase.metadata.create_all)
+        loaded = {}
+        sessions: dict[str, Callable[[], sa_asyncio.AsyncSession]] = {
+            "ours": lambda: asyncorm.AsyncSession(engine),
+            "sqlalchemy": lambda: sa_asyncio.AsyncSession(engine),
+        }
+        for name, make in sessions.items():
+            async with make() as each:
+                with sent(engine) as statements:
+                    early = await each.get(Early, 1)
+                assert early is not None
+                loaded[name] = ("kids" in inspect(early).dict, len(statements))
+        assert loaded["ours"] == loaded["sqlalchemy"] == (True, 2)
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(LocalBase.metadata.drop_all)
+
+
+async def test_statement_listeners_on_the_sessions_connection(engine: AsyncEngine) -> None:
+    """A listener on the Connection the session uses receives the statement object, as one
+    on the engine does (test_statement_listeners_on_the_engine_see_sqlalchemys_get)."""
+    seen: dict[str, list[Any]] = {}
+    sessions: dict[str, Callable[[], sa_asyncio.AsyncSession]] = {
+        "ours": lambda: asyncorm.AsyncSession(engine),
+        "sqlalchemy": lambda: sa_asyncio.AsyncSession(engine),
+    }
+    for name, make in sessions.items():
+        clauses: list[Any] = []
+
+        def before_execute(
+            conn: Connection, clause: Any, *args: Any, clauses: list[Any] = clauses
+        ) -> None:
+            clauses.append(clause)
+
+        async with make() as session:
+            conn = await session.connection()
+            event.listen(conn.sync_connection, "before_execute", before_execute)
+            before = _fastget.taken
+            assert await session.get(User, 2) is not None
+            assert _fastget.taken == before
+        # what a listener can tell apart: SQLAlchemy's get() sends a new statement with the
+        # ORM's compile options each time
+        seen[name] = [(str(c), type(c._compile_options).__name__) for c in clauses]
+    assert seen["ours"] == seen["sqlalchemy"]
+
+
+async def test_one_statement_on_two_dialects(
+    engine: AsyncEngine, backend: Backend, tmp_path: Path
+) -> None:
+    """The prebuilt statement is compiled per dialect: a SQLite and a PostgreSQL engine,
+    picked per class by ``binds``, in turn, each get their own SQL and rows."""
+    other_url = postgres_url() if backend.is_sqlite else f"sqlite:///{tmp_path / 'other.db'}"
+    other = asyncorm.create_engine(other_url)
+    try:
+        async with other.begin() as conn:
+            await conn.run_sync(OddBase.metadata.drop_all)
+            await conn.run_sync(OddBase.metadata.create_all)
+            await conn.execute(
+                text(
+                    "INSERT INTO asyncorm_fast_rich (rich_id, a, b, c, n)"
+                    " VALUES (1, 'A', 'B', 'C', 30)"
+                )
+            )
+        for _ in range(2):
+            for bind, n in ((engine, 3), (other, 30)):
+                async with asyncorm.AsyncSession(engine, binds={Rich: bind}) as session:
+                    before = _fastget.taken
+                    rich = await session.get(Rich, 1)
+                    assert _fastget.taken == before + 1
+                    assert rich is not None
+                    assert (rich.n, rich.doubled) == (n, 2 * n)
+    finally:
+        async with other.begin() as conn:
+            await conn.run_sync(OddBase.metadata.drop_all)
+        await other.dispose()
