@@ -76,10 +76,10 @@ class _Load:
 
     __slots__ = ("ended", "owner", "paused")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: int) -> None:
         self.paused = False
         self.ended = False
-        self.owner = _task_id()
+        self.owner = owner
 
 
 def _task_id() -> int:
@@ -107,9 +107,10 @@ def enter() -> Token[_Load | None] | None:
     A nested ``execute()`` (a post-load's query, a lazy load) is about to wait on the
     database: a pause of the outer one ends here.
     """
-    load = _current()
-    if load is None:
-        return _LOAD.set(_Load())
+    load = _LOAD.get()
+    task = _task_id()
+    if load is None or load.ended or load.owner != task:  # none, or inherited with a copy
+        return _LOAD.set(_Load(task))
     if load.paused:
         load.paused = False
         _resume()
@@ -132,11 +133,11 @@ def leave(token: Token[_Load | None] | None) -> None:
 
 def _rows_ready(context: Any) -> None:
     """After the driver returned a statement's rows: pause for a large result in a session."""
-    load = _current()
-    if load is None or load.paused or context._is_server_side:
-        return
     rows = getattr(context.cursor, "_rows", None)  # SQLAlchemy's async adapters buffer here
-    if rows is not None and len(rows) >= MIN_ROWS:
+    if rows is None or len(rows) < MIN_ROWS or context._is_server_side:
+        return  # most statements: checked first, it is the cheapest test
+    load = _current()
+    if load is not None and not load.paused:
         load.paused = True
         _pause()
 
@@ -147,6 +148,8 @@ def _statement_ready() -> None:
     A session's own nested ``execute()`` already ended it (:func:`enter`); this catches the
     others, such as a ``load`` listener running ``session.connection().execute()``.
     """
+    if not _pauses:
+        return  # no pause in force in the process: nothing to end (most statements)
     load = _current()
     if load is not None and load.paused:
         load.paused = False
