@@ -17,6 +17,7 @@ from benchmarks._core import (
     LABELS,
     PICCOLO,
     POSTGRESQL,
+    RAW,
     RAW_NO_RESET,
     SQLALCHEMY,
     SQLITE,
@@ -326,7 +327,8 @@ def write_chart(path: Path, results: Sequence[Result]) -> str | None:
     plt: Any = importlib.import_module("matplotlib.pyplot")
     backends = [b for b in (SQLITE, POSTGRESQL) if any(r.backend == b for r in results)]
     rel_all = {b: ratios([r for r in results if r.backend == b]) for b in backends}
-    colours = {
+    colours = {  # every contender its own: W8's baseline is SQLAlchemy, so raw is a bar there
+        RAW: "#17becf",
         SQLALCHEMY: "#8c8c8c",
         ASYNCORM: "#1f77b4",
         SYNC: "#ff7f0e",
