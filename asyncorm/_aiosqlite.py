@@ -256,4 +256,9 @@ class OneTripDBAPI(AsyncAdapt_aiosqlite_dbapi):
 
     def connect(self, *arg: Any, **kw: Any) -> OneTripConnection:
         adapted = super().connect(*arg, **kw)
-        return OneTripConnection(self, adapted._connection)
+        return self.adapt(adapted._connection, kw)
+
+    def adapt(self, driver: Any, connect_kwargs: dict[str, Any]) -> OneTripConnection:
+        """The adapter for a connection ``connect(**connect_kwargs)`` opened: a subclass may
+        choose another :class:`OneTripConnection`."""
+        return OneTripConnection(self, driver)

@@ -30,9 +30,6 @@ from SQLAlchemy 2.1.7 on).
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import uuid
 import weakref
 from typing import Any, NamedTuple
 
@@ -43,12 +40,9 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.sql import Select
 
-__all__ = ["FastGetPlan", "load", "plan"]
+from ._identity import SCALAR_IDENTS, sqlalchemys_own
 
-# identifier types SQLAlchemy's get() uses as they are (as _identity._SCALAR_IDENTS)
-_SCALAR_IDENTS = frozenset(
-    {int, str, bytes, uuid.UUID, decimal.Decimal, datetime.date, datetime.datetime}
-)
+__all__ = ["FastGetPlan", "load", "plan"]
 
 # relationship loader strategies that add SQL to the primary load
 _EAGER = frozenset({"joined", "selectin", "subquery", "immediate"})
@@ -58,6 +52,7 @@ _EXECUTION_OPTIONS = {"_sa_orm_load_options": QueryContext.default_load_options}
 
 # Session classes -> whether get(), the lookup and the bind resolution are SQLAlchemy's
 _PLAIN_SESSION: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
+_GET_AND_BIND = ("get", "get_one", "_get_impl", "_identity_lookup", "get_bind")
 
 
 class _MapperPlan(NamedTuple):
@@ -81,16 +76,6 @@ class FastGetPlan(NamedTuple):
 
     statement: Select[Any]
     params: dict[str, Any]
-
-
-def _plain_session(session_cls: type[Session]) -> bool:
-    plain = _PLAIN_SESSION.get(session_cls)
-    if plain is None:
-        plain = _PLAIN_SESSION[session_cls] = all(
-            getattr(session_cls, name) is getattr(Session, name)
-            for name in ("get", "get_one", "_get_impl", "_identity_lookup", "get_bind")
-        )
-    return plain
 
 
 def _mapper_plan(mapper: Mapper[Any]) -> _MapperPlan:
@@ -120,9 +105,9 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
     """The prebuilt load for ``session.get(entity, ident)`` after an identity-map miss, or
     ``None`` when only SQLAlchemy's ``get()`` gives its exact result (see the module
     docstring). The caller has already ruled out every argument of ``get()`` but these."""
-    if type(ident) not in _SCALAR_IDENTS:
+    if type(ident) not in SCALAR_IDENTS:
         return None
-    if not _plain_session(type(session)):
+    if not sqlalchemys_own(type(session), _GET_AND_BIND, _PLAIN_SESSION):
         return None
     mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
     if mapper is None or mapper.class_ is not entity:

@@ -20,15 +20,30 @@ from typing import Any
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
-__all__ = ["identity_map_hit"]
+__all__ = ["SCALAR_IDENTS", "identity_map_hit", "sqlalchemys_own"]
 
 # Session classes -> whether they look objects up as SQLAlchemy's Session does
 _PLAIN_LOOKUP: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
+_LOOKUP = ("get", "get_one", "_get_impl", "_identity_lookup")
 
-# identifier types SQLAlchemy's get() wraps into a one-element primary key as they are
-_SCALAR_IDENTS = frozenset(
+SCALAR_IDENTS = frozenset(
     {int, str, bytes, uuid.UUID, decimal.Decimal, datetime.date, datetime.datetime}
 )
+"""Identifier types SQLAlchemy's get() wraps into a one-element primary key as they are."""
+
+
+def sqlalchemys_own(
+    session_cls: type[Session],
+    names: tuple[str, ...],
+    cache: weakref.WeakKeyDictionary[type[Session], bool],
+) -> bool:
+    """Whether ``session_cls`` keeps SQLAlchemy's ``Session`` methods ``names`` (cached)."""
+    own = cache.get(session_cls)
+    if own is None:
+        own = cache[session_cls] = all(
+            getattr(session_cls, name) is getattr(Session, name) for name in names
+        )
+    return own
 
 
 def identity_map_hit(session: Session, entity: Any, ident: Any) -> Any:
@@ -36,20 +51,13 @@ def identity_map_hit(session: Session, entity: Any, ident: Any) -> Any:
 
     ``None`` means "ask SQLAlchemy", not "no such row".
     """
-    session_cls = type(session)
-    plain = _PLAIN_LOOKUP.get(session_cls)
-    if plain is None:
-        plain = _PLAIN_LOOKUP[session_cls] = all(
-            getattr(session_cls, name) is getattr(Session, name)
-            for name in ("get", "get_one", "_get_impl", "_identity_lookup")
-        )
-    if not plain:
+    if not sqlalchemys_own(type(session), _LOOKUP, _PLAIN_LOOKUP):
         return None  # a Session subclass with its own lookup (e.g. horizontal sharding)
     mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
     if mapper is None or mapper.class_ is not entity or mapper.always_refresh:
         return None  # not a mapped class itself (a Mapper, an alias, an unmapped subclass)
     ident_type = type(ident)
-    if ident_type in _SCALAR_IDENTS:
+    if ident_type in SCALAR_IDENTS:
         primary_key: tuple[Any, ...] = (ident,)
     elif ident_type is tuple or ident_type is list:
         primary_key = tuple(ident)

@@ -214,11 +214,10 @@ class InlineEndConnection(OneTripConnection):
 class InlineEndDBAPI(OneTripDBAPI):
     """:class:`OneTripDBAPI` whose connections are :class:`InlineEndConnection`."""
 
-    def connect(self, *arg: Any, **kw: Any) -> OneTripConnection:
+    def adapt(self, driver: Any, connect_kwargs: dict[str, Any]) -> OneTripConnection:
         inline = (
-            kw.get("check_same_thread", True) is False
+            connect_kwargs.get("check_same_thread", True) is False
             and sqlite3.threadsafety == 3
-            and "async_creator_fn" not in kw
+            and "async_creator_fn" not in connect_kwargs
         )
-        adapted = super().connect(*arg, **kw)
-        return InlineEndConnection(self, adapted._connection, inline=inline)
+        return InlineEndConnection(self, driver, inline=inline)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -63,31 +64,26 @@ class SyncSession(Session):
         def execute(self, statement, *args, **kwargs):
             if not in_greenlet():
                 raise _implicit_io_error(self, statement, args, kwargs)
-            load = _gcpause.enter()
-            try:
-                result = super().execute(statement, *args, **kwargs)
-            finally:
-                _gcpause.leave(load)
-            note_write(self, statement)
-            return result
+            return self._run_statement(super().execute, statement, args, kwargs)
 
         def scalar(self, statement, *args, **kwargs):
-            load = _gcpause.enter()
-            try:
-                result = super().scalar(statement, *args, **kwargs)
-            finally:
-                _gcpause.leave(load)
-            note_write(self, statement)
-            return result
+            return self._run_statement(super().scalar, statement, args, kwargs)
 
         def scalars(self, statement, *args, **kwargs):
-            load = _gcpause.enter()
-            try:
-                result = super().scalars(statement, *args, **kwargs)
-            finally:
-                _gcpause.leave(load)
-            note_write(self, statement)
-            return result
+            return self._run_statement(super().scalars, statement, args, kwargs)
+
+    def _run_statement(
+        self, run: Callable[..., Any], statement: Any, args: tuple[Any, ...], kwargs: Any
+    ) -> Any:
+        """``run(statement, ...)``: one of SQLAlchemy's execute methods, inside the garbage
+        collector's pause scope (:mod:`asyncorm._gcpause`), noting a statement that writes."""
+        load = _gcpause.enter()
+        try:
+            result = run(statement, *args, **kwargs)
+        finally:
+            _gcpause.leave(load)
+        note_write(self, statement)
+        return result
 
 
 event.listen(SyncSession, "after_flush", note_flush)
