@@ -61,7 +61,7 @@ class _Transaction(sa_asyncio.AsyncSessionTransaction):
             try:
                 await _commit_in_two_phases(
                     self._owner,
-                    lambda: _TransactionBase.commit(self),
+                    lambda: self._sync_transaction().commit(),
                     self._roll_back_if_cancelled,
                     held,
                 )
@@ -121,7 +121,10 @@ class _Transaction(sa_asyncio.AsyncSessionTransaction):
                 return run_to_completion(exit_(self, type(exc), exc, exc.__traceback__))
 
             await _commit_in_two_phases(
-                self._owner, lambda: exit_(self, None, None, None), roll_back, held
+                self._owner,
+                lambda: self._sync_transaction().__exit__(None, None, None),
+                roll_back,
+                held,
             )
         finally:
             if took:

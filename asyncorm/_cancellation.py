@@ -124,7 +124,9 @@ async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
 
 
 async def hold_cancellations(
-    coro: Coroutine[Any, Any, _T], held: list[asyncio.CancelledError]
+    coro: Coroutine[Any, Any, _T],
+    held: list[asyncio.CancelledError],
+    holding: Callable[[], bool] | None = None,
 ) -> _T:
     """Await ``coro`` in the current task, holding back cancellations until it has finished.
 
@@ -140,6 +142,12 @@ async def hold_cancellations(
     If ``coro`` is still waiting :data:`CLEANUP_GRACE` seconds after the first cancellation,
     the future it waits for is cancelled, as the task's cancellation would have done, and
     ``coro`` goes on from there (it typically raises a ``CancelledError``).
+
+    With ``holding``, cancellations are held only from the first time ``holding()`` returns
+    true (it is asked each time ``coro`` waits): before that, ``coro`` is awaited as if
+    directly, and a cancellation reaches it where it waits. So one coroutine can run a
+    stretch that a cancellation may interrupt (a flush) and then one it may not (the COMMIT
+    after it), without the cost of awaiting two.
 
     Example::
 
@@ -158,6 +166,11 @@ async def hold_cancellations(
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             throw = None
+            if holding is not None:
+                if not holding():
+                    throw = await _pass_through(yielded)
+                    continue
+                holding = None  # from now on, until the end
             if yielded is None:  # a bare yield (asyncio.sleep(0)): let the loop run once
                 try:
                     await asyncio.sleep(0)
@@ -196,6 +209,32 @@ async def hold_cancellations(
                     future.cancel()
     finally:
         coro.close()  # a no-op once it has finished; otherwise what a dropped task does
+
+
+async def _pass_through(yielded: Any) -> BaseException | None:
+    """Wait for what a stepped coroutine yielded, as the task would for the coroutine itself.
+
+    Returns the exception to throw into the coroutine (a cancellation of the task that did
+    not go through the future), or None to resume it (it reads the future's outcome, a
+    cancellation of the future included).
+    """
+    if yielded is None:  # a bare yield
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError as exc:
+            return exc
+        return None
+    if not getattr(yielded, "_asyncio_future_blocking", False):
+        return RuntimeError(f"hold_cancellations() cannot wait for {yielded!r}")
+    yielded._asyncio_future_blocking = False
+    future: asyncio.Future[Any] = yielded
+    try:
+        await future  # the task's cancel() cancels this very future, as for the coroutine
+    except BaseException as exc:
+        if future.cancelled() or (future.done() and future.exception() is exc):
+            return None  # the future's own outcome: the coroutine reads it
+        return exc  # the task was cancelled after the future was done
+    return None
 
 
 def deliver_later(held: list[asyncio.CancelledError]) -> None:

@@ -2,7 +2,8 @@
 
 ``AsyncSession.commit()``, the commit of ``async with session.begin():`` and of
 ``async with Session.begin():`` all run :func:`_commit_in_two_phases`: a cancellable flush,
-then a COMMIT no cancellation interrupts, then the ``on_commit`` callbacks. Its outcome
+then a COMMIT no cancellation interrupts (both in one greenlet), then the ``on_commit``
+callbacks. Its outcome
 rules (rolled back, committed, or :class:`~asyncorm.TransactionOutcomeUnknownError` with its
 message) and :func:`_to_completion` (rollback/close run to completion, without a task when
 they cannot suspend) live here, apart from the session and transaction classes that call
@@ -16,8 +17,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.orm import Session
+from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 from ._cancellation import ending_may_suspend, hold_cancellations, run_to_completion
 from ._errors import TransactionOutcomeUnknownError, commit_in_unit_error
@@ -26,8 +27,6 @@ from ._oncommit import run_ready, take_ready
 
 if TYPE_CHECKING:
     from ._session import AsyncSession
-
-_AsyncBase = sa_asyncio.AsyncSession
 
 
 async def _to_completion(session: AsyncSession, cleanup: Coroutine[Any, Any, None]) -> None:
@@ -61,21 +60,24 @@ def _cleanup_may_suspend(sync_session: Session) -> bool:
 
 async def _commit_in_two_phases(
     session: AsyncSession,
-    commit: Callable[[], Coroutine[Any, Any, None]],
+    commit: Callable[[], object],
     on_flush_error: Callable[[BaseException], Awaitable[None] | None],
     held: list[asyncio.CancelledError],
 ) -> None:
     """Commit ``session``'s transaction in the caller's task: the one commit of every path.
 
+    ``commit`` is SQLAlchemy's sync commit (the session's or its transaction's). Both phases
+    run in one greenlet (the trip count of SQLAlchemy's own ``commit()``):
+
     1. Flush, cancellable. If it fails (a cancellation included), ``on_flush_error(exc)``
        (the rollback, which runs to completion) is awaited and ``exc`` raised: nothing was
        committed. A cancellation requested during the last stretch of the flush that did not
        reach an await is delivered here too, before COMMIT.
-    2. ``commit()`` (SQLAlchemy's: ``before_commit``, a residual flush if a hook added
-       objects, COMMIT, ``after_commit``, the connection back to the pool) under
-       :func:`hold_cancellations`, without a task: cancellations arriving meanwhile are
-       appended to ``held``, for the caller to deliver with ``deliver_later(held)`` once it
-       has nothing left to await. Then:
+    2. ``commit()`` (``before_commit``, a residual flush if a hook added objects, COMMIT,
+       ``after_commit``, the connection back to the pool) with cancellations held
+       (:func:`hold_cancellations`, from the moment the flush is done), without a task:
+       cancellations arriving meanwhile are appended to ``held``, for the caller to deliver
+       with ``deliver_later(held)`` once it has nothing left to await. Then:
 
        * COMMIT succeeded: return normally. The data is committed and the caller is told so.
        * the connection failed once COMMIT may have been sent (a disconnect, or a held
@@ -92,21 +94,27 @@ async def _commit_in_two_phases(
     task = asyncio.current_task()
     requested = task.cancelling() if task is not None else 0
     sync_session = session.sync_session
-    try:
+    committing = False
+
+    def flush_then_commit() -> None:
+        nonlocal committing
         if sync_session.new or sync_session.deleted or sync_session.dirty:
-            await _AsyncBase.flush(session)
+            sync_session.flush()
         if task is not None and task.cancelling():
             # a cancellation requested before this commit or during the flush and not
             # delivered yet (nothing awaited since): it lands here, before COMMIT
-            await asyncio.sleep(0)
-    except BaseException as exc:
-        cleanup = on_flush_error(exc)
-        if cleanup is not None:
-            await cleanup
-        raise
+            await_(asyncio.sleep(0))
+        committing = True  # from here on, cancellations are held
+        commit()
+
     try:
-        await hold_cancellations(commit(), held)
+        await hold_cancellations(greenlet_spawn(flush_then_commit), held, lambda: committing)
     except BaseException as exc:
+        if not committing:
+            cleanup = on_flush_error(exc)
+            if cleanup is not None:
+                await cleanup
+            raise
         if _outcome_unknown(exc):
             raise TransactionOutcomeUnknownError(_outcome_unknown_message(session, exc)) from exc
         if held:

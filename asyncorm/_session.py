@@ -347,7 +347,7 @@ class AsyncSession(sa_asyncio.AsyncSession):
         took = enter(self, "commit")
         try:
             await _commit_in_two_phases(
-                self, lambda: _AsyncBase.commit(self), self._roll_back_if_cancelled, held
+                self, self.sync_session.commit, self._roll_back_if_cancelled, held
             )
         finally:
             if took:

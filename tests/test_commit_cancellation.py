@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import greenlet  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy import Connection, event, select, text
+from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_
 
@@ -384,6 +387,68 @@ async def test_a_commit_creates_no_task(Session: SessionFactory) -> None:
             await run(Session, f"user {index}")
         assert created == [], path
     assert await names(Session) == [f"user {index}" for index in range(len(PATHS))]
+
+
+@contextmanager
+def greenlets_entered() -> Iterator[list[greenlet.greenlet]]:
+    """The greenlets other than the event loop's that were switched into while the block
+    ran (each once): one per ``greenlet_spawn`` of SQLAlchemy's bridge."""
+    entered: list[greenlet.greenlet] = []
+    loop_greenlet = greenlet.getcurrent()
+
+    def trace(event: str, args: Any) -> None:
+        _origin, target = args
+        if target is not loop_greenlet and target not in entered:
+            entered.append(target)
+
+    previous = greenlet.settrace(trace)
+    try:
+        yield entered
+    finally:
+        greenlet.settrace(previous)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_a_commit_flushes_and_commits_in_one_greenlet_as_sqlalchemy_does(
+    engine: AsyncEngine, path: str
+) -> None:
+    """The cancellable flush and the held COMMIT run in one greenlet, the trip count of
+    SQLAlchemy's own commit: with 20 sessions suspended mid-statement, each greenlet switch
+    costs more, and a second trip per commit made asyncorm's unit of work slower than
+    SQLAlchemy's (docs/performance.md)."""
+    Session = asyncorm.async_sessionmaker(engine)
+    plain = sa_asyncio.async_sessionmaker(engine)
+    counts: dict[str, int] = {}
+    for name, factory in (("asyncorm", Session), ("sqlalchemy", plain)):
+        session = factory()
+        try:
+            if path == "transaction.commit()":
+                transaction = await session.begin()
+                session.add(User(name=f"{name} user"))
+                with greenlets_entered() as entered:
+                    await transaction.commit()
+            elif path == "session.commit()":
+                session.add(User(name=f"{name} user"))
+                with greenlets_entered() as entered:
+                    await session.commit()
+            elif path == "session.begin()":
+                block = session.begin()
+                await block.__aenter__()
+                session.add(User(name=f"{name} user"))
+                with greenlets_entered() as entered:
+                    await block.__aexit__(None, None, None)
+            else:  # Session.begin(): its exit commits, then closes the session
+                context = factory.begin()
+                begun = await context.__aenter__()
+                begun.add(User(name=f"{name} user"))
+                with greenlets_entered() as entered:
+                    await context.__aexit__(None, None, None)
+        finally:
+            await session.close()
+        counts[name] = len(entered)
+    closed = path == "Session.begin()"  # one greenlet more: the close
+    assert counts == {"asyncorm": 1 + closed, "sqlalchemy": 1 + closed}
+    assert await names(Session) == ["asyncorm user", "sqlalchemy user"]
 
 
 async def test_a_commit_hook_that_fails_reports_the_error(Session: SessionFactory) -> None:
