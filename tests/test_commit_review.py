@@ -359,3 +359,44 @@ async def test_a_writer_turn_timing_out_in_a_residual_flush_is_the_lock_timeout(
         assert await names(Session) == ["holder"]
     finally:
         await engine.dispose()
+
+
+# -- found on the way: where a flush took SQLite's writer turn ---------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the in-process writer turn
+async def test_the_lock_timeout_names_the_users_line_for_a_turn_a_flush_took(
+    backend: Backend,
+) -> None:
+    """A writer turn taken by the ORM's flush: the timeout names the user's line that
+    flushed, not SQLAlchemy's generated wrapper of ``Session._flush`` (which SQLAlchemy 2.1
+    compiles under a ``<sqlalchemy generated ...>`` file name)."""
+    engine = asyncorm.create_engine(backend.url, connect_args={"timeout": 0.05})
+    try:
+        await reset_schema(engine)
+        Session = asyncorm.async_sessionmaker(engine)
+        release, holding = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with Session.begin() as session:
+                session.add(User(name="holder"))
+                await session.flush()  # takes the writer turn
+                holding.set()
+                await release.wait()
+
+        holding_task = asyncio.create_task(holder(), name="flushing-holder")
+        await holding.wait()
+        try:
+            with pytest.raises(
+                asyncorm.SQLiteWriteLockTimeout,
+                match=r"task 'flushing-holder' has held it for [\d.]+s through session "
+                r"<AsyncSession 0x[0-9a-f]+>, begun at .*test_commit_review\.py:\d+ in "
+                r"holder\(\)\.",
+            ):
+                async with Session.begin() as session:
+                    session.add(User(name="waiting"))
+        finally:
+            release.set()
+            await holding_task
+    finally:
+        await engine.dispose()
