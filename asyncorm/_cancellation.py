@@ -422,8 +422,14 @@ _FROM_STATEMENT = "_asyncorm_from_statement"
 def _note_statement_error(context: ExceptionContext) -> None:
     """Mark an exception that a statement raised and SQLAlchemy does not wrap in a DBAPIError
     (a cancellation, an OSError such as SQLite's writer-turn timeout), as a DBAPIError's
-    ``statement`` marks it: see :func:`raised_by_statement`."""
-    if context.statement is not None and context.sqlalchemy_exception is None:
+    ``statement`` marks it: see :func:`raised_by_statement`. Not a COMMIT sent as a statement
+    (two-phase ``COMMIT PREPARED``, a user's own ``COMMIT``)."""
+    statement = context.statement
+    if (
+        statement is not None
+        and context.sqlalchemy_exception is None
+        and not statement.lstrip().upper().startswith("COMMIT")
+    ):
         with contextlib.suppress(AttributeError, TypeError):  # a type without a __dict__
             setattr(context.original_exception, _FROM_STATEMENT, True)
 
