@@ -36,6 +36,7 @@ them back at the task's next suspension, unless their requester withdrew them me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -54,6 +55,7 @@ __all__ = [
     "ending_may_suspend",
     "hold_cancellations",
     "mark_cleanup_task",
+    "raised_by_statement",
     "request_again",
     "run_to_completion",
     "wait_to_completion",
@@ -359,6 +361,7 @@ class EngineHooks:
 
         if dialect.driver in _KEEPS_CONNECTION:
             event.listen(sync_engine, "handle_error", _keep_connection_on_cancel)
+        event.listen(sync_engine, "handle_error", _note_statement_error)
         event.listen(sync_engine, "reset", reset)
 
 
@@ -411,6 +414,31 @@ def _transaction_open(dbapi_connection: Any, driver: Any) -> bool:
     if hasattr(driver, "is_in_transaction"):  # asyncpg
         return bool(driver.is_in_transaction())
     return bool(getattr(driver, "in_transaction", True))  # aiosqlite (sqlite3's attribute)
+
+
+_FROM_STATEMENT = "_asyncorm_from_statement"
+
+
+def _note_statement_error(context: ExceptionContext) -> None:
+    """Mark an exception that a statement raised and SQLAlchemy does not wrap in a DBAPIError
+    (a cancellation, an OSError such as SQLite's writer-turn timeout), as a DBAPIError's
+    ``statement`` marks it: see :func:`raised_by_statement`. Not a COMMIT sent as a statement
+    (two-phase ``COMMIT PREPARED``, a user's own ``COMMIT``)."""
+    statement = context.statement
+    if (
+        statement is not None
+        and context.sqlalchemy_exception is None
+        and not statement.lstrip().upper().startswith("COMMIT")
+    ):
+        with contextlib.suppress(AttributeError, TypeError):  # a type without a __dict__
+            setattr(context.original_exception, _FROM_STATEMENT, True)
+
+
+def raised_by_statement(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by a statement (its execution, or what the engine's
+    listeners do before it) of an engine of asyncorm's. During a commit, that is the flush
+    of objects a ``before_commit`` hook added: COMMIT had not been sent."""
+    return getattr(exc, _FROM_STATEMENT, False) is True
 
 
 def _keep_connection_on_cancel(context: ExceptionContext) -> None:

@@ -20,7 +20,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
-from ._cancellation import ending_may_suspend, hold_cancellations, run_to_completion
+from ._cancellation import (
+    ending_may_suspend,
+    hold_cancellations,
+    raised_by_statement,
+    run_to_completion,
+)
 from ._errors import TransactionOutcomeUnknownError, commit_in_unit_error
 from ._lazyload import SyncSession
 from ._oncommit import run_ready, take_ready
@@ -83,9 +88,11 @@ async def _commit_in_two_phases(
        * the connection failed once COMMIT may have been sent (a disconnect, or a held
          cancellation given up on after ``CLEANUP_GRACE``):
          :class:`~asyncorm.TransactionOutcomeUnknownError`, ``held`` left for the caller.
-       * anything else failed (the database refused the COMMIT, a deferred constraint):
-         nothing was committed; a held cancellation is raised, chained to the error, as
-         :func:`run_to_completion` does; otherwise the error.
+       * anything else failed (the database refused the COMMIT, a deferred constraint, a
+         statement of the residual flush, a cancelled one included): nothing was committed;
+         a held cancellation is raised, chained to the error, as :func:`run_to_completion`
+         does, unless its requester took it back meanwhile (an ``asyncio.timeout`` inside
+         the commit, such as SQLite's writer-turn wait); otherwise the error.
     3. Once committed, the session's ``on_commit`` callbacks run, cancellations still held
        (see :mod:`asyncorm._oncommit`).
     """
@@ -117,6 +124,8 @@ async def _commit_in_two_phases(
             raise
         if _outcome_unknown(exc):
             raise TransactionOutcomeUnknownError(_outcome_unknown_message(session, exc)) from exc
+        if held and task is not None and task.cancelling() <= requested:
+            held.clear()  # taken back (an asyncio.timeout inside the commit): none to raise
         if held:
             cancelled = held[0]
             held.clear()
@@ -151,6 +160,8 @@ def _outcome_unknown(exc: BaseException) -> bool:
         # a lost connection outside any statement: at COMMIT (a statement of a residual flush
         # failing means COMMIT was never sent)
         return exc.connection_invalidated and exc.statement is None
+    if raised_by_statement(exc):
+        return False  # the same, for what SQLAlchemy does not wrap (a cancelled INSERT)
     # a COMMIT given up on after a cancellation; a socket error or timeout from the driver
     return isinstance(exc, (asyncio.CancelledError, OSError))
 

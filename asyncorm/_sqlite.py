@@ -173,6 +173,9 @@ _LIBRARY_DIRS = (
     os.path.dirname(__file__) + os.sep,
     contextlib.__file__,
     functools.__file__,
+    # SQLAlchemy's generated wrappers (Session._flush's deprecation wrapper, that every ORM
+    # flush goes through): compiled under this file name, outside SQLAlchemy's directory
+    "<sqlalchemy generated ",
 )
 _RUN_CALLBACK = asyncio.Handle._run.__code__
 _is_library: dict[Any, bool] = {}
