@@ -10,7 +10,9 @@ trial) and reports per transfer, median over the runs:
   it is held (by every task, not only the holder), and the handoff: from one holder's release
   to the next holder having it (the waiter's wake-up, and what the loop runs before it);
 * the loop's idle time (waiting in ``select``) and the cyclic garbage collector's time;
-* one task doing the same transfers one after another: each phase's loop CPU;
+* one task doing the same transfers one after another: each phase's loop CPU; and the
+  floors: SQLAlchemy's sync ``Session`` doing them on pysqlite, and in one greenlet on
+  asyncorm's engine;
 * with ``--cprofile``, one asyncorm run by layer and its costliest functions (loop thread
   CPU; cProfile inflates many small calls, so read the shares, not the totals).
 """
@@ -31,6 +33,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 from asyncorm import _sqlite
 from benchmarks._bench import Bench, open_bench
@@ -153,6 +159,7 @@ async def _main(args: argparse.Namespace) -> int:
     finally:
         clock.uninstall()
         gc_clock.uninstall()
+        gc.unfreeze()
 
 
 async def _measure(args: argparse.Namespace, clock: _TurnClock, gc_clock: _GCClock) -> int:
@@ -168,6 +175,9 @@ async def _measure(args: argparse.Namespace, clock: _TurnClock, gc_clock: _GCClo
             for trial in trials.values():
                 await trial.setup()
                 await trial.run()
+            if args.gc_freeze:
+                gc.collect()
+                gc.freeze()  # what an application may do once started: see docs/performance.md
             selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
             select = selector.select
             idle = [0.0]
@@ -225,6 +235,7 @@ async def _measure(args: argparse.Namespace, clock: _TurnClock, gc_clock: _GCClo
             print(f"  loop CPU while held     {_us(orm['held_cpu'])}")
             print(f"  handoff release->taken  {_us(orm['handoff'])}")
             await _sequential(bench, args.transfers)
+            await _floors(bench, Path(tmp), args.transfers)
             if args.cprofile:
                 trial = trials[ASYNCORM]
                 await trial.setup()
@@ -288,6 +299,65 @@ async def _sequential(bench: Bench, transfers: int) -> None:
     )
 
 
+async def _floors(bench: Bench, workdir: Path, transfers: int) -> None:
+    """What SQLAlchemy's own work costs per transfer, one task, no concurrency.
+
+    * its sync ``Session`` on pysqlite, no asyncio and no thread (SQLite's own work
+      included, on the same thread): the same statements (BEGIN IMMEDIATE, two SELECTs, one
+      UPDATE of two rows, COMMIT);
+    * the same sync ``Session`` run whole in one greenlet on asyncorm's engine: SQLAlchemy's
+      work plus asyncorm's dialect hooks and four trips to aiosqlite's thread, without the
+      async session layer.
+    """
+    rng = random.Random(6)
+    plan = [(*rng.sample(range(1, 11), 2), rng.randint(1, 10)) for _ in range(transfers)]
+    sync_engine = sqlalchemy.create_engine(f"sqlite:///{workdir / 'floor.db'}")
+
+    @sqlalchemy.event.listens_for(sync_engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # BEGIN is emitted below
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    @sqlalchemy.event.listens_for(sync_engine, "begin")
+    def _begin(connection: sqlalchemy.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    Account.metadata.create_all(sync_engine, tables=[Account.__table__])  # type: ignore[list-item]
+    with Session(sync_engine) as session, session.begin():
+        session.add_all([Account(id=i, balance=100) for i in range(1, 11)])
+    on_pysqlite = sessionmaker(sync_engine, expire_on_commit=False)
+    engine = bench.engines[ASYNCORM]
+    on_asyncorm = sessionmaker(engine.sync_engine, expire_on_commit=False)
+
+    def move(maker: sessionmaker[Session]) -> None:
+        for src, dst, amount in plan:
+            with maker.begin() as session:
+                a = session.get(Account, src)
+                b = session.get(Account, dst)
+                assert a is not None
+                assert b is not None
+                a.balance -= amount
+                b.balance += amount
+
+    try:
+        for name, in_greenlet in (
+            ("sync Session on pysqlite, no asyncio", False),
+            ("sync Session in one greenlet, asyncorm's engine", True),
+        ):
+            cpu = []
+            for _ in range(3):
+                start = time.thread_time()
+                if in_greenlet:
+                    await greenlet_spawn(move, on_asyncorm)
+                else:
+                    move(on_pysqlite)
+                cpu.append((time.thread_time() - start) / transfers)
+            print(f"  one task, {name}: loop CPU/transfer {_us(cpu)}")
+    finally:
+        sync_engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.w6_profile")
     parser.add_argument("--runs", type=int, default=9)
@@ -296,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--switch-interval", type=float, default=None)
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() once warm, before measuring"
+    )
     args = parser.parse_args(argv)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)

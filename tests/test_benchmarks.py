@@ -206,3 +206,4 @@ def test_the_w6_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ratio asyncorm/raw per run" in out
     assert "writer turn held" in out
     assert "one task, asyncorm: loop CPU/transfer" in out
+    assert "one task, sync Session on pysqlite, no asyncio: loop CPU/transfer" in out
