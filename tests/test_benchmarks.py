@@ -196,3 +196,14 @@ def test_the_sqlite_trips_micro_benchmark_runs(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "| asyncorm W1, ROLLBACK inline (now) |" in out
     assert "| no trip: a 1,000-row scan inline on the loop | " in out
+
+
+def test_the_w6_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import w6_profile
+
+    assert w6_profile.main(["--runs", "1", "--transfers", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio asyncorm/raw per run" in out
+    assert "writer turn held" in out
+    assert "one task, asyncorm: loop CPU/transfer" in out
+    assert "one task, sync Session on pysqlite, no asyncio: loop CPU/transfer" in out
