@@ -403,14 +403,25 @@ def ending_may_suspend(connection: Connection) -> bool:
 
 def _transaction_open(dbapi_connection: Any, driver: Any) -> bool:
     """Whether the driver says a transaction is open; both drivers know it without IO."""
-    may_be = getattr(dbapi_connection, "may_be_in_transaction", None)
-    if may_be is not None:  # asyncorm's aiosqlite adapter: counts calls still queued
-        return bool(may_be)
+    adapter_class = type(dbapi_connection)
+    counts_queued = _COUNTS_QUEUED.get(adapter_class)
+    if counts_queued is None:
+        # asked of the class once: on SQLAlchemy's adapters, which forward unknown attributes
+        # to the driver through __getattr__, a missing attribute costs a raised AttributeError
+        counts_queued = _COUNTS_QUEUED[adapter_class] = hasattr(
+            adapter_class, "may_be_in_transaction"
+        )
+    if counts_queued:  # asyncorm's aiosqlite adapter: counts calls still queued
+        return bool(dbapi_connection.may_be_in_transaction)
     if driver is None:
         return True
     if hasattr(driver, "is_in_transaction"):  # asyncpg
         return bool(driver.is_in_transaction())
     return bool(getattr(driver, "in_transaction", True))  # aiosqlite (sqlite3's attribute)
+
+
+_COUNTS_QUEUED: dict[type, bool] = {}
+"""DBAPI adapter classes -> whether they have asyncorm's ``may_be_in_transaction``."""
 
 
 def _keep_connection_on_cancel(context: ExceptionContext) -> None:
