@@ -45,7 +45,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from ._pgconnect import connect_error
 from ._pgparams import Translation
 
-__all__ = ["idle_mark", "in_own_context", "install", "spoke_since"]
+__all__ = ["idle_mark", "in_own_context", "install", "spoke_since", "watch_of"]
 
 _Connect = Callable[..., Awaitable[Any]]
 
@@ -96,13 +96,25 @@ def install(engine: AsyncEngine, params: Translation) -> None:
 
 
 class _Watch(asyncio.Protocol):
-    """The transport's protocol: counts the data it receives, passes everything on."""
+    """The transport's protocol: counts the data it receives, passes everything on.
 
-    __slots__ = ("inner", "received")
+    It also answers, with one ``poll()`` of the socket and no other work, whether the server
+    sent something not read yet: the socket's descriptor is registered once, when the
+    connection is watched, in a ``select.poll`` object of its own (which holds no kernel
+    resource). A descriptor is only reused after the connection's socket was closed, and
+    a closed connection is never asked (its driver reports itself closed first); a closed
+    descriptor polls as ``POLLNVAL``, which counts as "sent something" (the safe answer).
+    """
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
+    __slots__ = ("_poll", "inner", "received")
+
+    def __init__(self, inner: asyncio.Protocol, fileno: int | None) -> None:
         self.inner = inner
         self.received = 0
+        self._poll: Any = None
+        if fileno is not None and fileno >= 0 and _POLL is not None:
+            self._poll = _POLL()
+            self._poll.register(fileno, select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         self.received += 1
@@ -121,35 +133,57 @@ class _Watch(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+_POLL = getattr(select, "poll", None)  # not on Windows: select() on the socket there
+
+
 def _transport(driver: Any) -> asyncio.Transport | None:
     # asyncpg exposes no public accessor for its connection's transport
     return getattr(driver, "_transport", None)
 
 
+def _socket_fileno(transport: asyncio.BaseTransport) -> int | None:
+    sock = transport.get_extra_info("socket")
+    return None if sock is None else int(sock.fileno())
+
+
 def _watch(driver: Any) -> Any:
     transport = _transport(driver)
     if transport is not None and isinstance(transport.get_protocol(), asyncio.Protocol):
-        transport.set_protocol(_Watch(transport.get_protocol()))  # type: ignore[arg-type]
+        watch = _Watch(transport.get_protocol(), _socket_fileno(transport))  # type: ignore[arg-type]
+        transport.set_protocol(watch)
     return driver
+
+
+def watch_of(driver: Any) -> _Watch | None:
+    """The watch on ``driver``'s transport (None: not watched)."""
+    transport = _transport(driver)
+    protocol = None if transport is None else transport.get_protocol()
+    return protocol if isinstance(protocol, _Watch) else None
 
 
 def idle_mark(driver: Any) -> int | None:
     """How much the server has sent on ``driver`` so far (None: not watched)."""
-    transport = _transport(driver)
-    protocol = None if transport is None else transport.get_protocol()
-    return protocol.received if isinstance(protocol, _Watch) else None
+    watch = watch_of(driver)
+    return None if watch is None else watch.received
 
 
-def spoke_since(driver: Any, mark: int | None) -> bool:
-    """Whether the server sent anything on ``driver`` since :func:`idle_mark` gave ``mark``,
-    or has something not read yet (which costs one ``select()`` on the socket)."""
-    if mark is not None and idle_mark(driver) != mark:
-        return True
+def spoke_since(driver: Any, mark: int | None, watch: _Watch | None = None) -> bool:
+    """Whether the server sent anything on ``driver`` since :func:`idle_mark` gave ``mark``
+    (``watch``: :func:`watch_of` ``driver``, when the caller has it), or has something not
+    read yet (which costs one ``poll()`` or ``select()`` on the socket)."""
+    if watch is None:
+        watch = watch_of(driver)
+    if watch is not None:
+        if mark is not None and watch.received != mark:
+            return True
+        if watch._poll is not None:
+            return bool(watch._poll.poll(0))
+    elif mark is not None:
+        return True  # marked while watched, no longer watched: something changed
     transport = _transport(driver)
-    sock = None if transport is None else transport.get_extra_info("socket")
-    if sock is None:
+    fileno = None if transport is None else _socket_fileno(transport)
+    if fileno is None:
         return False
-    fileno = sock.fileno()
     if fileno < 0:
         return True  # closed under us
     readable, _, _ = select.select([fileno], [], [], 0)

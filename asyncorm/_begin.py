@@ -10,15 +10,18 @@ transaction's context managers, not the session's API; the session only construc
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy.ext import asyncio as sa_asyncio
 from sqlalchemy.ext.asyncio.session import _AsyncSessionContextManager
+from sqlalchemy.orm import Session
 
 from ._cancellation import deliver_later, hold_cancellations, run_to_completion
 from ._commit import _commit_in_two_phases
 from ._guards import enter, leave
+from ._identity import sqlalchemys_own
 
 if TYPE_CHECKING:
     from ._session import AsyncSession
@@ -46,7 +49,17 @@ class _Transaction(sa_asyncio.AsyncSessionTransaction):
     async def start(self, is_ctxmanager: bool = False) -> sa_asyncio.AsyncSessionTransaction:
         took = enter(self._owner, "begin")
         try:
-            return await super().start(is_ctxmanager)
+            sync_session = self._owner.sync_session
+            if self.nested or not begins_inline(sync_session):
+                return await super().start(is_ctxmanager)
+            # SQLAlchemy's start() without its greenlet: Session.begin() only creates the
+            # SessionTransaction (no connection, no IO) and nothing listens to that
+            global begun_inline
+            begun_inline += 1
+            self.sync_transaction = self._assign_proxied(sync_session.begin())
+            if is_ctxmanager:
+                self.sync_transaction.__enter__()
+            return self
         finally:
             if took:
                 leave(self._owner)
@@ -132,6 +145,32 @@ class _Transaction(sa_asyncio.AsyncSessionTransaction):
 
 
 _TransactionBase = sa_asyncio.AsyncSessionTransaction
+_SA_START = _TransactionBase.start
+
+begun_inline = 0
+"""How many transactions :meth:`_Transaction.start` began without a greenlet (for tests)."""
+
+# Session classes -> whether begin() is SQLAlchemy's own
+_PLAIN_BEGIN: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
+
+
+NO_IO_ON_CREATE: set[object] = set()
+"""asyncorm's own ``after_transaction_create`` listeners, which never await (the SQLite
+profile's bookkeeping adds its listener here)."""
+
+
+def begins_inline(sync_session: Session) -> bool:
+    """Whether ``sync_session.begin()`` runs no code that could await, so needs no greenlet:
+    SQLAlchemy's own ``begin()`` (it creates a SessionTransaction; the connection is only
+    checked out by the first statement), no ``after_transaction_create`` listener (the one
+    event it fires) but asyncorm's own, and SQLAlchemy's ``AsyncSessionTransaction.start()``
+    not replaced."""
+    listeners = sync_session.dispatch.after_transaction_create
+    if listeners and not all(fn in NO_IO_ON_CREATE for fn in listeners):
+        return False
+    return _TransactionBase.start is _SA_START and sqlalchemys_own(
+        type(sync_session), ("begin", "_autobegin_t"), _PLAIN_BEGIN
+    )
 
 
 class _BeginContext(_AsyncSessionContextManager[_AS]):

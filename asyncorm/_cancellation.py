@@ -170,7 +170,27 @@ async def hold_cancellations(
             throw = None
             if holding is not None:
                 if not holding():
-                    throw = await _pass_through(yielded)
+                    # not holding yet: wait as the task would for ``coro`` itself (inline:
+                    # no coroutine of its own, no frame, per wait)
+                    if yielded is None:  # a bare yield
+                        try:
+                            await asyncio.sleep(0)
+                        except asyncio.CancelledError as exc:
+                            throw = exc
+                        continue
+                    if not getattr(yielded, "_asyncio_future_blocking", False):
+                        throw = RuntimeError(f"hold_cancellations() cannot wait for {yielded!r}")
+                        continue
+                    yielded._asyncio_future_blocking = False
+                    passed: asyncio.Future[Any] = yielded
+                    try:
+                        await passed  # the task's cancel() cancels this very future
+                    except BaseException as exc:
+                        if not passed.cancelled() and not (
+                            passed.done() and passed.exception() is exc
+                        ):
+                            throw = exc  # the task was cancelled after the future was done
+                        # else the future's own outcome: the coroutine reads it
                     continue
                 holding = None  # from now on, until the end
             if yielded is None:  # a bare yield (asyncio.sleep(0)): let the loop run once
@@ -211,32 +231,6 @@ async def hold_cancellations(
                     future.cancel()
     finally:
         coro.close()  # a no-op once it has finished; otherwise what a dropped task does
-
-
-async def _pass_through(yielded: Any) -> BaseException | None:
-    """Wait for what a stepped coroutine yielded, as the task would for the coroutine itself.
-
-    Returns the exception to throw into the coroutine (a cancellation of the task that did
-    not go through the future), or None to resume it (it reads the future's outcome, a
-    cancellation of the future included).
-    """
-    if yielded is None:  # a bare yield
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError as exc:
-            return exc
-        return None
-    if not getattr(yielded, "_asyncio_future_blocking", False):
-        return RuntimeError(f"hold_cancellations() cannot wait for {yielded!r}")
-    yielded._asyncio_future_blocking = False
-    future: asyncio.Future[Any] = yielded
-    try:
-        await future  # the task's cancel() cancels this very future, as for the coroutine
-    except BaseException as exc:
-        if future.cancelled() or (future.done() and future.exception() is exc):
-            return None  # the future's own outcome: the coroutine reads it
-        return exc  # the task was cancelled after the future was done
-    return None
 
 
 def deliver_later(held: list[asyncio.CancelledError]) -> None:
@@ -406,9 +400,16 @@ def ending_may_suspend(connection: Connection) -> bool:
 
 def _transaction_open(dbapi_connection: Any, driver: Any) -> bool:
     """Whether the driver says a transaction is open; both drivers know it without IO."""
-    may_be = getattr(dbapi_connection, "may_be_in_transaction", None)
-    if may_be is not None:  # asyncorm's aiosqlite adapter: counts calls still queued
-        return bool(may_be)
+    adapter_class = type(dbapi_connection)
+    counts_queued = _COUNTS_QUEUED.get(adapter_class)
+    if counts_queued is None:
+        # asked of the class once: on SQLAlchemy's adapters, which forward unknown attributes
+        # to the driver through __getattr__, a missing attribute costs a raised AttributeError
+        counts_queued = _COUNTS_QUEUED[adapter_class] = hasattr(
+            adapter_class, "may_be_in_transaction"
+        )
+    if counts_queued:  # asyncorm's aiosqlite adapter: counts calls still queued
+        return bool(dbapi_connection.may_be_in_transaction)
     if driver is None:
         return True
     if hasattr(driver, "is_in_transaction"):  # asyncpg
@@ -439,6 +440,10 @@ def raised_by_statement(exc: BaseException) -> bool:
     listeners do before it) of an engine of asyncorm's. During a commit, that is the flush
     of objects a ``before_commit`` hook added: COMMIT had not been sent."""
     return getattr(exc, _FROM_STATEMENT, False) is True
+
+
+_COUNTS_QUEUED: dict[type, bool] = {}
+"""DBAPI adapter classes -> whether they have asyncorm's ``may_be_in_transaction``."""
 
 
 def _keep_connection_on_cancel(context: ExceptionContext) -> None:

@@ -72,8 +72,9 @@ __all__ = ["prepare"]
 DEFAULT_PING_AFTER = 5.0
 """Seconds a pooled connection may sit idle before its next checkout pings it."""
 
-_RETURNED_AT = "asyncorm_returned_at"
-_HEARD = "asyncorm_heard"  # what the server had sent when the connection was returned
+_IDLE = "asyncorm_idle"
+"""A pooled connection's entry: (when it was returned, its watch (:mod:`asyncorm._asyncpg`),
+what the server had sent by then)."""
 
 
 def prepare(
@@ -164,9 +165,12 @@ class _PrePing:
 
     def _on_checkin(self, dbapi_connection: Any, connection_record: ConnectionPoolEntry) -> None:
         if dbapi_connection is not None:
-            connection_record.info[_RETURNED_AT] = time.monotonic()
-            connection_record.info[_HEARD] = _asyncpg.idle_mark(
-                connection_record.driver_connection
+            # one entry: when it was returned, its watch, and what the server had sent then
+            watch = _asyncpg.watch_of(connection_record.driver_connection)
+            connection_record.info[_IDLE] = (
+                time.monotonic(),
+                watch,
+                None if watch is None else watch.received,
             )
 
     def _on_checkout(
@@ -176,17 +180,17 @@ class _PrePing:
         connection_proxy: PoolProxiedConnection,
     ) -> None:
         # info is cleared when the DBAPI connection is replaced: a new one is fresh
-        returned_at = connection_record.info.get(_RETURNED_AT)
-        if returned_at is None:
+        idle = connection_record.info.get(_IDLE)
+        if idle is None:
             return
+        returned_at, watch, heard = idle
         driver = connection_record.driver_connection
         if driver is None or driver.is_closed():
             raise DisconnectionError("the server closed this pooled connection")
         # the server speaks to an idle connection to end it (a FATAL error before the end of
         # file) or with a notification: ping it then, however recently it was returned
-        heard = connection_record.info.get(_HEARD)
         if time.monotonic() - returned_at < self.ping_after and not _asyncpg.spoke_since(
-            driver, heard
+            driver, heard, watch
         ):
             return
         try:
@@ -202,7 +206,9 @@ def _ping(driver: Any) -> None:
 
 
 def _read_committed(level: object) -> bool:
-    return level is None or str(level).upper().replace("_", " ") == "READ COMMITTED"
+    if level is None or level == "read committed":  # SHOW's spelling: no string built
+        return True
+    return str(level).upper().replace("_", " ") == "READ COMMITTED"
 
 
 class _DeferredBegin:
@@ -280,13 +286,34 @@ _RESET_ALL = re.compile(r"\b(?:reset|discard)\s+all\b")
 def _changes_default(statement: str) -> bool:
     """Whether the session's default isolation level may have changed after ``statement``
     (``SET SESSION CHARACTERISTICS``, ``default_transaction_isolation``, ``RESET ALL``,
-    ``DISCARD ALL``); plain substring tests first, as this runs for every statement."""
+    ``DISCARD ALL``). This runs for every statement: the answer is kept per SQL text (the
+    same string object for every execution of a cached compiled statement, so the lookup is
+    a hash already computed) for texts shorter than :data:`_CACHED_TEXT` characters, and
+    the cache is emptied when it reaches :data:`_CHANGES_CACHE_SIZE` texts (statements
+    rendered per execution, such as expanded ``IN`` lists, are new texts each time)."""
+    verdict = _changes_cache.get(statement)
+    if verdict is None:
+        verdict = _judge_changes_default(statement)
+        if len(statement) < _CACHED_TEXT:
+            if len(_changes_cache) >= _CHANGES_CACHE_SIZE:
+                _changes_cache.clear()
+            _changes_cache[statement] = verdict
+    return verdict
+
+
+def _judge_changes_default(statement: str) -> bool:
+    # plain substring tests first
     low = statement.lower()
     return (
         "default_transaction_isolation" in low
         or "characteristics" in low
         or (("reset" in low or "discard" in low) and _RESET_ALL.search(low) is not None)
     )
+
+
+_CHANGES_CACHE_SIZE = 500
+_CACHED_TEXT = 4096  # at most ~2 MB of SQL text kept
+_changes_cache: dict[str, bool] = {}
 
 
 _SHADOWED = "shadowed"

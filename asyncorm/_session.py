@@ -22,7 +22,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._begin import _BeginContext, _Transaction
 from ._cancellation import deliver_later
-from ._commit import _commit_in_two_phases, _to_completion
+from ._commit import _commit_in_two_phases, _to_completion, closes_inline
 from ._errors import close_in_unit_error
 from ._fastget import load as _fast_load
 from ._fastget import plan as _fast_plan
@@ -46,6 +46,7 @@ _C = TypeVar("_C", bound=OnCommitCallback)
 _AS = TypeVar("_AS", bound=sa_asyncio.AsyncSession)
 
 _AsyncBase = sa_asyncio.AsyncSession
+_SA_CLOSE = _AsyncBase.close
 
 
 class AsyncSession(sa_asyncio.AsyncSession):
@@ -291,6 +292,15 @@ class AsyncSession(sa_asyncio.AsyncSession):
         """
         if self._asyncorm_unit is not None:
             raise close_in_unit_error(self._asyncorm_unit, "close()")
+        if _AsyncBase.close is _SA_CLOSE and closes_inline(self.sync_session):
+            # no transaction: SQLAlchemy's close() only expunges, no greenlet needed
+            took = enter(self, "close")
+            try:
+                self.sync_session.close()
+            finally:
+                if took:
+                    leave(self)
+            return
         await self._cleanup("close", _AsyncBase.close)
 
     async def reset(self) -> None:

@@ -224,6 +224,9 @@ def _install_session_events() -> None:
     """Listen (once per process) for the Session events that tell whose a connection is."""
     if event.contains(Session, "after_begin", _session_began):
         return
+    from ._begin import NO_IO_ON_CREATE
+
+    NO_IO_ON_CREATE.add(_transaction_created)  # no await in it: begin() needs no greenlet
     event.listen(Session, "after_transaction_create", _transaction_created)
     event.listen(Session, "after_begin", _session_began)
 

@@ -249,6 +249,36 @@ async def test_a_read_right_after_pg_terminate_backend_runs_on_a_fresh_connectio
         await engine.dispose()
 
 
+async def test_a_pooled_connection_with_the_servers_error_still_unread_is_replaced(
+    direct: AsyncConnection,
+) -> None:
+    """The server's FATAL error and end of file have reached the socket, but the event loop
+    has not read them yet (no loop pass between their arrival and the checkout): asyncpg
+    still calls the connection open and the pre-ping's count of what it received has not
+    moved. The pre-ping's poll of the socket sees the unread data, pings, and the pool hands
+    out a fresh connection, on the first checkout and on later ones (the socket's poll is
+    set up once per connection)."""
+    engine = asyncorm.create_engine(postgres_url(), pool_size=1, max_overflow=0)
+    Session = asyncorm.async_sessionmaker(engine)
+    try:
+        for _ in range(3):
+            async with Session() as session:
+                pid = await pid_of(session.scalar(select(func.pg_backend_pid())))
+                raw = await (await session.connection()).get_raw_connection()
+                transport = raw.driver_connection._transport  # type: ignore[union-attr]
+            transport.pause_reading()  # the loop leaves what the server sends in the socket
+            try:
+                assert await direct.scalar(
+                    text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}
+                )
+            finally:
+                transport.resume_reading()  # read at the loop's next pass: after the checkout
+            async with Session() as session:
+                assert await session.scalar(select(func.pg_backend_pid())) != pid
+    finally:
+        await engine.dispose()
+
+
 async def test_a_cancellation_during_the_engines_first_connect_stays_a_cancellation() -> None:
     """SQLAlchemy's first-connect proxy has no ``info``: the cancellation listener must not
     turn a cancellation there into a NotImplementedError (which the dialect swallows, leaving
