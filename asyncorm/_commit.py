@@ -17,15 +17,18 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 from ._cancellation import (
+    commit_sent,
     ending_may_suspend,
     hold_cancellations,
     raised_by_statement,
     run_to_completion,
+    watch_commit,
 )
 from ._errors import TransactionOutcomeUnknownError, commit_in_unit_error
 from ._identity import sqlalchemys_own
@@ -144,6 +147,7 @@ async def _commit_in_two_phases(
             # delivered yet (nothing awaited since): it lands here, before COMMIT
             await_(asyncio.sleep(0))
         committing = True  # from here on, cancellations are held
+        watch_commit()
         commit()
 
     try:
@@ -154,7 +158,7 @@ async def _commit_in_two_phases(
             if cleanup is not None:
                 await cleanup
             raise
-        if _outcome_unknown(exc):
+        if _outcome_unknown(exc) and commit_sent(_connections(sync_session)):
             raise TransactionOutcomeUnknownError(_outcome_unknown_message(session, exc)) from exc
         if held and task is not None and task.cancelling() <= requested:
             held.clear()  # taken back (an asyncio.timeout inside the commit): none to raise
@@ -184,6 +188,13 @@ async def _commit_in_two_phases(
             cancelled = held[0]
             held.clear()
             raise cancelled from None
+
+
+def _connections(sync_session: Session) -> list[Connection]:
+    """The connections the session's last transaction began with; [] when not known."""
+    if not isinstance(sync_session, SyncSession):
+        return []
+    return sync_session.transaction_connections()
 
 
 def _outcome_unknown(exc: BaseException) -> bool:
