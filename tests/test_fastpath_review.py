@@ -10,12 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
 from sqlalchemy.orm import Session as SASession
 
 import asyncorm
+from tests.conftest import postgres_url, reset_schema
+from tests.models import User
 
 SessionFactory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
 
@@ -101,10 +104,95 @@ async def test_sqlalchemys_session_methods_patched_run_in_a_greenlet(
     assert seen == [1, 1, 1]
 
 
-def noop(*args: Any) -> None:
-    pass
+# -- PostgreSQL deferred BEGIN: statements that change what the deferral relies on ---------
 
 
-def test_no_listener_left(engine: AsyncEngine) -> None:
-    del engine
-    assert not event.contains(SASession, "after_transaction_create", noop)
+def pg_engine(sqlalchemys: bool, **kw: Any) -> AsyncEngine:
+    """asyncorm's engine on PostgreSQL, or plain SQLAlchemy's (no deferred BEGIN)."""
+    if sqlalchemys:
+        url = make_url(postgres_url()).set(drivername="postgresql+asyncpg")
+        return create_async_engine(url, **kw)
+    return asyncorm.create_engine(postgres_url(), **kw)
+
+
+def sessionmaker_for(engine: AsyncEngine, sqlalchemys: bool) -> Any:
+    return async_sessionmaker(engine) if sqlalchemys else asyncorm.async_sessionmaker(engine)
+
+
+
+@pytest.mark.parametrize("sqlalchemys", [False, True], ids=["asyncorm", "sqlalchemy"])
+async def test_set_config_with_bound_arguments_changing_the_default_holds_for_the_next_session(
+    sqlalchemys: bool,
+) -> None:
+    """``select(func.set_config("default_transaction_isolation", "repeatable read", False))``
+    sends the setting's name as a bound parameter (``set_config($1::VARCHAR, ...)``): the
+    text judge did not see it, the connection's known default stayed READ COMMITTED, and the
+    next session's first read ran before its BEGIN: two snapshots in a REPEATABLE READ
+    transaction."""
+    engine = pg_engine(sqlalchemys, pool_size=1, max_overflow=0)
+    writer = asyncorm.create_engine(postgres_url())
+    try:
+        await reset_schema(engine)
+        Session = sessionmaker_for(engine, sqlalchemys)
+        async with Session() as session:
+            await session.get(User, 1)  # deferred: this connection's default is known
+            await session.execute(
+                select(func.set_config("default_transaction_isolation", "repeatable read", False))
+            )
+            await session.commit()
+        async with Session() as session:  # the same (only) connection
+            first = await session.scalar(select(func.count()).select_from(User))
+            async with writer.begin() as conn:
+                await conn.execute(insert(User).values(name="committed meanwhile"))
+            second = await session.scalar(select(func.count()).select_from(User))
+            level = await session.scalar(text("SHOW transaction_isolation"))
+            assert (level, first, second) == ("repeatable read", 0, 0)
+    finally:
+        await engine.dispose()
+        await writer.dispose()
+
+
+SHADOWING_SCHEMA = (
+    "DROP SCHEMA IF EXISTS review_shadow CASCADE",
+    "CREATE SCHEMA review_shadow",
+    "CREATE FUNCTION review_shadow.lower(bigint) RETURNS bigint LANGUAGE sql VOLATILE AS $$ "
+    "INSERT INTO public.users (name) VALUES ('written by lower(bigint)'); SELECT $1 $$",
+)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "SET search_path TO review_shadow, public",
+        "SELECT set_config('search_path', 'review_shadow, public', false)",
+    ],
+)
+@pytest.mark.parametrize("sqlalchemys", [False, True], ids=["asyncorm", "sqlalchemy"])
+async def test_a_search_path_changed_after_the_check_for_shadowing_functions_is_seen(
+    change: str, sqlalchemys: bool
+) -> None:
+    """The deferral trusts ``lower()`` only when no function outside pg_catalog on the
+    search path shadows it, checked once per connection. A later ``SET search_path`` (or
+    ``set_config('search_path', ...)``) bringing in a writing ``lower(bigint)`` went
+    unseen: a judged plain read then ran with no BEGIN before it, its write committed at
+    once, and the session's rollback did not undo it (SQLAlchemy's path: rolled back)."""
+    engine = pg_engine(sqlalchemys, pool_size=1, max_overflow=0)
+    try:
+        await reset_schema(engine)
+        async with engine.begin() as conn:
+            for statement in SHADOWING_SCHEMA:
+                await conn.exec_driver_sql(statement)
+        Session = sessionmaker_for(engine, sqlalchemys)
+        async with Session() as session:
+            await session.get(User, 1)  # deferred: no shadowing function on the path yet
+            await session.execute(text(change))
+            await session.commit()
+        async with Session() as session:  # the same (only) connection, the new search path
+            assert await session.scalar(select(func.lower(func.count(User.id)))) == 0
+            await session.rollback()
+        async with Session() as session:
+            assert await session.scalar(select(func.count(User.id))) == 0
+    finally:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("DROP SCHEMA IF EXISTS review_shadow CASCADE")
+        await engine.dispose()
