@@ -6,6 +6,7 @@ Each test states what SQLAlchemy's general path does and checks asyncorm's does 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
 from sqlalchemy.orm import Session as SASession
 
 import asyncorm
+from asyncorm import _cancellation
 from tests.conftest import postgres_url, reset_schema
 from tests.models import User
 
@@ -196,3 +198,64 @@ async def test_a_search_path_changed_after_the_check_for_shadowing_functions_is_
         async with engine.begin() as conn:
             await conn.exec_driver_sql("DROP SCHEMA IF EXISTS review_shadow CASCADE")
         await engine.dispose()
+
+
+# -- hold_cancellations before it holds: as if the coroutine were awaited directly ----------
+
+
+async def waits(step: str, future: asyncio.Future[int]) -> str:
+    """The stepped coroutine: waits once (on ``future`` or a bare yield), says what it saw."""
+    try:
+        if step == "bare yield":
+            await asyncio.sleep(0)
+            return "resumed"
+        return f"result {await future}"
+    except asyncio.CancelledError:
+        return "cancelled"
+    except ValueError as exc:
+        return f"raised {exc}"
+
+
+async def run_scenario(scenario: str, through_hold: bool) -> tuple[str, int, list[int]]:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    held: list[asyncio.CancelledError] = []
+    step = "bare yield" if scenario == "cancelled at a bare yield" else "future"
+    coro = waits(step, future)
+    awaited = (
+        _cancellation.hold_cancellations(coro, held, holding=lambda: False)
+        if through_hold
+        else coro
+    )
+    task = asyncio.ensure_future(awaited)
+    await asyncio.sleep(0)  # the task is now waiting
+    if scenario == "future fails":
+        future.set_exception(ValueError("boom"))
+    elif scenario == "future done, then the task cancelled":
+        future.set_result(1)
+        task.cancel()
+    elif scenario == "future done":
+        future.set_result(2)
+    else:
+        task.cancel()
+    outcome = await task
+    return outcome, task.cancelling(), [len(held)]
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "cancelled while waiting",
+        "cancelled at a bare yield",
+        "future fails",
+        "future done",
+        "future done, then the task cancelled",
+    ],
+)
+async def test_hold_cancellations_before_holding_is_awaiting_directly(scenario: str) -> None:
+    """5894043 inlined the wait that _pass_through() did: what reaches the coroutine, the
+    task's cancellation count and the held list match awaiting the coroutine directly."""
+    direct = await run_scenario(scenario, through_hold=False)
+    held = await run_scenario(scenario, through_hold=True)
+    assert held == direct
+    assert held[2] == [0]
