@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import event, func, insert, inspect, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
 from sqlalchemy.orm import Session as SASession
+from sqlalchemy.util import await_
 
 import asyncorm
 from asyncorm import _cancellation
@@ -259,3 +261,65 @@ async def test_hold_cancellations_before_holding_is_awaiting_directly(scenario: 
     held = await run_scenario(scenario, through_hold=True)
     assert held == direct
     assert held[2] == [0]
+
+
+# -- begin() / close() without a greenlet: what held up -------------------------------------
+
+
+@pytest.mark.parametrize("target", ["instance", "Session", "sync_session_class"])
+@pytest.mark.parametrize("sqlalchemys", [False, True], ids=["asyncorm", "sqlalchemy"])
+async def test_awaiting_listeners_wherever_registered_run_in_a_greenlet(
+    engine: AsyncEngine, target: str, sqlalchemys: bool
+) -> None:
+    """Listeners of every event begin() and a transactionless close() fire, registered on
+    the session instance, on SQLAlchemy's Session (globally) or on the sync_session_class,
+    each awaiting: all run, in a greenlet, on both paths; nothing is left checked out."""
+    cls = SAAsyncSession if sqlalchemys else asyncorm.AsyncSession
+    async with cls(engine, expire_on_commit=False) as setup:
+        setup.add(User(name="ann"))
+        await setup.commit()
+    session = cls(engine)
+    seen: list[str] = []
+
+    def listener(name: str) -> Callable[..., None]:
+        def listen(*args: Any) -> None:
+            await_(asyncio.sleep(0))
+            seen.append(name)
+
+        return listen
+
+    where: Any = {
+        "instance": session.sync_session,
+        "Session": SASession,
+        "sync_session_class": type(session.sync_session),
+    }[target]
+    names = ("after_transaction_create", "persistent_to_detached")
+    listeners = [(name, listener(name)) for name in names]
+    for name, fn in listeners:
+        event.listen(where, name, fn)
+    try:
+        async with session.begin():
+            ann = (await session.scalars(select(User))).one()
+        await session.close()
+    finally:
+        for name, fn in listeners:
+            event.remove(where, name, fn)
+    assert inspect(ann).detached
+    assert sorted(set(seen)) == sorted(names), seen
+
+
+@pytest.mark.parametrize("sqlalchemys", [False, True], ids=["asyncorm", "sqlalchemy"])
+async def test_close_resets_only_false_is_final_on_both_paths(
+    engine: AsyncEngine, sqlalchemys: bool
+) -> None:
+    cls = SAAsyncSession if sqlalchemys else asyncorm.AsyncSession
+    session = cls(engine, close_resets_only=False)
+    async with session.begin():
+        await session.execute(select(User))
+    await session.close()  # no transaction: asyncorm's inline close
+    with pytest.raises(
+        InvalidRequestError, match="This Session has been permanently closed and is unable"
+    ):
+        async with session.begin():  # asyncorm's inline begin
+            pass
+    await session.close()
