@@ -10,7 +10,6 @@ transaction's context managers, not the session's API; the session only construc
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session
 from ._cancellation import deliver_later, hold_cancellations, run_to_completion
 from ._commit import _commit_in_two_phases
 from ._guards import enter, leave
-from ._identity import sqlalchemys_own
+from ._identity import runs_sqlalchemys
 
 if TYPE_CHECKING:
     from ._session import AsyncSession
@@ -150,9 +149,7 @@ _SA_START = _TransactionBase.start
 begun_inline = 0
 """How many transactions :meth:`_Transaction.start` began without a greenlet (for tests)."""
 
-# Session classes -> whether begin() is SQLAlchemy's own
-_PLAIN_BEGIN: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
-
+_BEGIN = ("begin", "_autobegin_t")
 
 NO_IO_ON_CREATE: set[object] = set()
 """asyncorm's own ``after_transaction_create`` listeners, which never await (the SQLite
@@ -162,15 +159,13 @@ profile's bookkeeping adds its listener here)."""
 def begins_inline(sync_session: Session) -> bool:
     """Whether ``sync_session.begin()`` runs no code that could await, so needs no greenlet:
     SQLAlchemy's own ``begin()`` (it creates a SessionTransaction; the connection is only
-    checked out by the first statement), no ``after_transaction_create`` listener (the one
-    event it fires) but asyncorm's own, and SQLAlchemy's ``AsyncSessionTransaction.start()``
-    not replaced."""
+    checked out by the first statement), replaced neither on the session, its class nor
+    ``Session``; no ``after_transaction_create`` listener (the one event it fires) but
+    asyncorm's own; and SQLAlchemy's ``AsyncSessionTransaction.start()`` not replaced."""
     listeners = sync_session.dispatch.after_transaction_create
     if listeners and not all(fn in NO_IO_ON_CREATE for fn in listeners):
         return False
-    return _TransactionBase.start is _SA_START and sqlalchemys_own(
-        type(sync_session), ("begin", "_autobegin_t"), _PLAIN_BEGIN
-    )
+    return _TransactionBase.start is _SA_START and runs_sqlalchemys(sync_session, _BEGIN)
 
 
 class _BeginContext(_AsyncSessionContextManager[_AS]):

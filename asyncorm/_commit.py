@@ -13,7 +13,6 @@ them, so those stay about their API and this about what a cancellation may do to
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ from ._cancellation import (
     watch_commit,
 )
 from ._errors import TransactionOutcomeUnknownError, commit_in_unit_error
-from ._identity import sqlalchemys_own
+from ._identity import runs_sqlalchemys
 from ._lazyload import SyncSession
 from ._oncommit import run_ready, take_ready
 
@@ -57,8 +56,6 @@ async def _to_completion(session: AsyncSession, cleanup: Coroutine[Any, Any, Non
 closed_inline = 0
 """How many closes ran without a greenlet (:func:`closes_inline`; for tests)."""
 
-# Session classes -> whether close() is SQLAlchemy's own
-_PLAIN_CLOSE: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
 _CLOSE = ("close", "_close_impl", "expunge_all")
 
 
@@ -66,8 +63,9 @@ def closes_inline(sync_session: Session) -> bool:
     """Whether ``sync_session.close()`` runs no code that could await, so needs no greenlet
     (SQLAlchemy's ``AsyncSession.close()`` spawns one for it): the session has no
     transaction (no connection to return, no rollback), its ``close()`` is SQLAlchemy's
-    own, which then only expunges the objects, and no listener of the events that
-    expunging fires is registered. Counted in :data:`closed_inline` when true."""
+    own (replaced neither on the session, its class nor ``Session``), which then only
+    expunges the objects, and no listener of the events that expunging fires is
+    registered. Counted in :data:`closed_inline` when true."""
     global closed_inline
     if sync_session.get_transaction() is not None:
         return False
@@ -77,7 +75,7 @@ def closes_inline(sync_session: Session) -> bool:
         or dispatch.deleted_to_detached
         or dispatch.pending_to_transient
         or dispatch.persistent_to_transient
-        or not sqlalchemys_own(type(sync_session), _CLOSE, _PLAIN_CLOSE)
+        or not runs_sqlalchemys(sync_session, _CLOSE)
     ):
         return False
     closed_inline += 1

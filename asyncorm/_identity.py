@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
-__all__ = ["SCALAR_IDENTS", "identity_map_hit", "sqlalchemys_own"]
+__all__ = ["SCALAR_IDENTS", "identity_map_hit", "runs_sqlalchemys", "sqlalchemys_own"]
 
 # Session classes -> whether they look objects up as SQLAlchemy's Session does
 _PLAIN_LOOKUP: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
@@ -44,6 +44,27 @@ def sqlalchemys_own(
             getattr(session_cls, name) is getattr(Session, name) for name in names
         )
     return own
+
+
+_SA_METHODS = {
+    name: getattr(Session, name)
+    for name in ("begin", "_autobegin_t", "close", "_close_impl", "expunge_all")
+}
+"""SQLAlchemy's own ``Session`` methods, as imported (before anything could patch them)."""
+
+
+def runs_sqlalchemys(session: Session, names: tuple[str, ...]) -> bool:
+    """Whether calling ``session``'s methods ``names`` runs SQLAlchemy's own code, as
+    imported: not replaced on the instance, nor on its class or on ``Session`` itself
+    (a subclass, instrumentation, a test's monkeypatch), whenever that happened. Asked at
+    each call, not cached: a method may be replaced after the class's first session.
+    ``names`` are keys of :data:`_SA_METHODS`."""
+    cls = type(session)
+    instance = session.__dict__
+    for name in names:
+        if name in instance or getattr(cls, name) is not _SA_METHODS[name]:
+            return False
+    return True
 
 
 def identity_map_hit(session: Session, entity: Any, ident: Any) -> Any:

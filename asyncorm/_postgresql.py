@@ -232,7 +232,8 @@ class _DeferredBegin:
     connection, before user ``connect`` listeners run, and ``ALTER DATABASE/ROLE ... SET``
     changes later connections. A statement that may change the default
     (``SET SESSION CHARACTERISTICS``, ``default_transaction_isolation``, ``RESET ALL``,
-    ``DISCARD ALL``) makes the next deferrable read ask again.
+    ``DISCARD ALL``, ``set_config()``) or the search path (``search_path``, ``SET SCHEMA``,
+    ``SET ROLE``) makes the next deferrable read ask again.
     """
 
     def install(self, engine: AsyncEngine) -> None:
@@ -286,11 +287,14 @@ _RESET_ALL = re.compile(r"\b(?:reset|discard)\s+all\b")
 def _changes_default(statement: str) -> bool:
     """Whether the session's default isolation level may have changed after ``statement``
     (``SET SESSION CHARACTERISTICS``, ``default_transaction_isolation``, ``RESET ALL``,
-    ``DISCARD ALL``). This runs for every statement: the answer is kept per SQL text (the
-    same string object for every execution of a cached compiled statement, so the lookup is
-    a hash already computed) for texts shorter than :data:`_CACHED_TEXT` characters, and
-    the cache is emptied when it reaches :data:`_CHANGES_CACHE_SIZE` texts (statements
-    rendered per execution, such as expanded ``IN`` lists, are new texts each time)."""
+    ``DISCARD ALL``, any ``set_config()``, whose setting may be a bound parameter), or the
+    search path the check for shadowing functions saw (``search_path``, ``SET SCHEMA``,
+    ``SET ROLE``, ``SET SESSION AUTHORIZATION``). This runs for every statement: the answer
+    is kept per SQL text (the same string object for every execution of a cached compiled
+    statement, so the lookup is a hash already computed) for texts shorter than
+    :data:`_CACHED_TEXT` characters, and the cache is emptied when it reaches
+    :data:`_CHANGES_CACHE_SIZE` texts (statements rendered per execution, such as expanded
+    ``IN`` lists, are new texts each time)."""
     verdict = _changes_cache.get(statement)
     if verdict is None:
         verdict = _judge_changes_default(statement)
@@ -307,8 +311,22 @@ def _judge_changes_default(statement: str) -> bool:
     return (
         "default_transaction_isolation" in low
         or "characteristics" in low
+        # set_config() may name the setting in a bound parameter: the text cannot tell
+        or "set_config" in low
+        # what _ASK also answers: the functions on the search path (a shadowing lower())
+        or "search_path" in low
+        or (
+            ("schema" in low or "role" in low or "authorization" in low)
+            and _SEARCH_PATH.search(low) is not None
+        )
         or (("reset" in low or "discard" in low) and _RESET_ALL.search(low) is not None)
     )
+
+
+# SET SCHEMA sets the search path; a role change changes the schema "$user" names in it
+_SEARCH_PATH = re.compile(
+    r"\b(?:set|reset)\s+(?:(?:session|local)\s+)?(?:schema|role|session\s+authorization)\b"
+)
 
 
 _CHANGES_CACHE_SIZE = 500
