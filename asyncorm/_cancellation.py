@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, ExceptionContext
+from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from sqlalchemy.pool.base import PoolResetState
@@ -52,7 +51,6 @@ from sqlalchemy.util.concurrency import await_, greenlet_spawn
 __all__ = [
     "CLEANUP_GRACE",
     "EngineHooks",
-    "commit_sent",
     "deliver_later",
     "ending_may_suspend",
     "hold_cancellations",
@@ -61,7 +59,6 @@ __all__ = [
     "request_again",
     "run_to_completion",
     "wait_to_completion",
-    "watch_commit",
 ]
 
 _T = TypeVar("_T")
@@ -359,9 +356,6 @@ class EngineHooks:
         if dialect.driver in _KEEPS_CONNECTION:
             event.listen(sync_engine, "handle_error", _keep_connection_on_cancel)
         event.listen(sync_engine, "handle_error", _note_statement_error)
-        event.listen(sync_engine, "commit", _note_commit)
-        event.listen(sync_engine, "prepare_twophase", _note_commit)
-        _REPORTS_COMMIT.add(sync_engine)
         event.listen(sync_engine, "reset", reset)
 
 
@@ -446,31 +440,6 @@ def raised_by_statement(exc: BaseException) -> bool:
     listeners do before it) of an engine of asyncorm's. During a commit, that is the flush
     of objects a ``before_commit`` hook added: COMMIT had not been sent."""
     return getattr(exc, _FROM_STATEMENT, False) is True
-
-
-_COMMIT_SENT: ContextVar[bool] = ContextVar("asyncorm_commit_sent", default=True)
-_REPORTS_COMMIT: weakref.WeakSet[Engine] = weakref.WeakSet()
-"""The engines whose connections report COMMIT (and PREPARE TRANSACTION) to _COMMIT_SENT."""
-
-
-def _note_commit(conn: Connection, *args: Any) -> None:
-    """The ``commit`` (and ``prepare_twophase``) listener: COMMIT is about to be sent.
-    SQLAlchemy's greenlet shares its task's context, so the flag reaches the commit's caller."""
-    _COMMIT_SENT.set(True)
-
-
-def watch_commit() -> None:
-    """Start watching for COMMIT in the current task: see :func:`commit_sent`."""
-    _COMMIT_SENT.set(False)
-
-
-def commit_sent(connections: list[Connection]) -> bool:
-    """Whether a COMMIT may have been sent on ``connections`` since :func:`watch_commit`:
-    false only when none was and every one of them is of an engine that reports it (an
-    engine of asyncorm's); otherwise true, the safe answer."""
-    if _COMMIT_SENT.get():
-        return True
-    return not connections or any(c.engine not in _REPORTS_COMMIT for c in connections)
 
 
 _COUNTS_QUEUED: dict[type, bool] = {}

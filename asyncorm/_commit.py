@@ -16,18 +16,15 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 from ._cancellation import (
-    commit_sent,
     ending_may_suspend,
     hold_cancellations,
     raised_by_statement,
     run_to_completion,
-    watch_commit,
 )
 from ._errors import TransactionOutcomeUnknownError, commit_in_unit_error
 from ._identity import runs_sqlalchemys
@@ -145,7 +142,6 @@ async def _commit_in_two_phases(
             # delivered yet (nothing awaited since): it lands here, before COMMIT
             await_(asyncio.sleep(0))
         committing = True  # from here on, cancellations are held
-        watch_commit()
         commit()
 
     try:
@@ -156,7 +152,7 @@ async def _commit_in_two_phases(
             if cleanup is not None:
                 await cleanup
             raise
-        if _outcome_unknown(exc) and commit_sent(_connections(sync_session)):
+        if _outcome_unknown(exc):
             raise TransactionOutcomeUnknownError(_outcome_unknown_message(session, exc)) from exc
         if held and task is not None and task.cancelling() <= requested:
             held.clear()  # taken back (an asyncio.timeout inside the commit): none to raise
@@ -186,13 +182,6 @@ async def _commit_in_two_phases(
             cancelled = held[0]
             held.clear()
             raise cancelled from None
-
-
-def _connections(sync_session: Session) -> list[Connection]:
-    """The connections the session's last transaction began with; [] when not known."""
-    if not isinstance(sync_session, SyncSession):
-        return []
-    return sync_session.transaction_connections()
 
 
 def _outcome_unknown(exc: BaseException) -> bool:
