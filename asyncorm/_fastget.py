@@ -30,7 +30,6 @@ from SQLAlchemy 2.1.7 on).
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, select
@@ -40,7 +39,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.sql import Select
 
-from ._identity import SCALAR_IDENTS, sqlalchemys_own
+from ._identity import SCALAR_IDENTS, runs_sqlalchemys
 
 __all__ = ["FastGetPlan", "load", "plan"]
 
@@ -50,8 +49,7 @@ _EAGER = frozenset({"joined", "selectin", "subquery", "immediate"})
 # the execution options SQLAlchemy's get() passes to session.execute() for a plain load
 _EXECUTION_OPTIONS = {"_sa_orm_load_options": QueryContext.default_load_options}
 
-# Session classes -> whether get(), the lookup and the bind resolution are SQLAlchemy's
-_PLAIN_SESSION: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
+# the Session methods that must be SQLAlchemy's own (not replaced) for the fast path
 _GET_AND_BIND = ("get", "get_one", "_get_impl", "_identity_lookup", "get_bind")
 
 
@@ -107,7 +105,7 @@ def plan(session: Session, entity: Any, ident: Any) -> FastGetPlan | None:
     docstring). The caller has already ruled out every argument of ``get()`` but these."""
     if type(ident) not in SCALAR_IDENTS:
         return None
-    if not sqlalchemys_own(type(session), _GET_AND_BIND, _PLAIN_SESSION):
+    if not runs_sqlalchemys(session, _GET_AND_BIND):
         return None
     mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
     if mapper is None or mapper.class_ is not entity:

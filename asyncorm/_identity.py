@@ -14,16 +14,13 @@ from __future__ import annotations
 import datetime
 import decimal
 import uuid
-import weakref
 from typing import Any
 
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
-__all__ = ["SCALAR_IDENTS", "identity_map_hit", "runs_sqlalchemys", "sqlalchemys_own"]
+__all__ = ["SCALAR_IDENTS", "identity_map_hit", "runs_sqlalchemys"]
 
-# Session classes -> whether they look objects up as SQLAlchemy's Session does
-_PLAIN_LOOKUP: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
 _LOOKUP = ("get", "get_one", "_get_impl", "_identity_lookup")
 
 SCALAR_IDENTS = frozenset(
@@ -32,24 +29,13 @@ SCALAR_IDENTS = frozenset(
 """Identifier types SQLAlchemy's get() wraps into a one-element primary key as they are."""
 
 
-def sqlalchemys_own(
-    session_cls: type[Session],
-    names: tuple[str, ...],
-    cache: weakref.WeakKeyDictionary[type[Session], bool],
-) -> bool:
-    """Whether ``session_cls`` keeps SQLAlchemy's ``Session`` methods ``names`` (cached)."""
-    own = cache.get(session_cls)
-    if own is None:
-        own = cache[session_cls] = all(
-            getattr(session_cls, name) is getattr(Session, name) for name in names
-        )
-    return own
-
-
 _SA_METHODS = {
     name: getattr(Session, name)
-    for name in ("begin", "_autobegin_t", "close", "_close_impl", "expunge_all")
-}
+    for name in (
+        "begin", "_autobegin_t", "close", "_close_impl", "expunge_all",
+        "get", "get_one", "_get_impl", "_identity_lookup", "get_bind",
+    )
+}  # fmt: skip
 """SQLAlchemy's own ``Session`` methods, as imported (before anything could patch them)."""
 
 
@@ -72,8 +58,8 @@ def identity_map_hit(session: Session, entity: Any, ident: Any) -> Any:
 
     ``None`` means "ask SQLAlchemy", not "no such row".
     """
-    if not sqlalchemys_own(type(session), _LOOKUP, _PLAIN_LOOKUP):
-        return None  # a Session subclass with its own lookup (e.g. horizontal sharding)
+    if not runs_sqlalchemys(session, _LOOKUP):
+        return None  # its own lookup (a Session subclass, e.g. horizontal sharding; a patch)
     mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
     if mapper is None or mapper.class_ is not entity or mapper.always_refresh:
         return None  # not a mapped class itself (a Mapper, an alias, an unmapped subclass)

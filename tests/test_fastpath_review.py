@@ -323,3 +323,36 @@ async def test_close_resets_only_false_is_final_on_both_paths(
         async with session.begin():  # asyncorm's inline begin
             pass
     await session.close()
+
+
+@pytest.mark.parametrize("sqlalchemys", [False, True], ids=["asyncorm", "sqlalchemy"])
+async def test_a_get_replaced_on_the_sync_session_instance_is_called(
+    engine: AsyncEngine, sqlalchemys: bool
+) -> None:
+    """SQLAlchemy's ``AsyncSession.get()`` calls ``session.sync_session.get``: a function set
+    on the instance (a test's wrapper, instrumentation) is called for every get(), an
+    identity-map hit or a miss. asyncorm's identity-map shortcut and fast get() checked the
+    session's class once and went around it (found in review)."""
+    async with asyncorm.async_sessionmaker(engine).begin() as setup:
+        setup.add_all([User(id=1, name="one"), User(id=2, name="two")])
+    cls = SAAsyncSession if sqlalchemys else asyncorm.AsyncSession
+    session = cls(engine)
+    try:
+        assert (await session.get(User, 1)) is not None  # in the identity map from now on
+        seen: list[Any] = []
+        sync = session.sync_session
+        original = type(sync).get
+
+        def counting_get(self: SASession, *args: Any, **kwargs: Any) -> Any:
+            seen.append(args[1])
+            return original(self, *args, **kwargs)
+
+        sync.get = counting_get.__get__(sync)  # type: ignore[method-assign]
+        hit = await session.get(User, 1)
+        miss = await session.get(User, 2)
+        assert seen == [1, 2]
+        assert hit is not None
+        assert miss is not None
+        assert (hit.name, miss.name) == ("one", "two")
+    finally:
+        await session.close()
