@@ -168,20 +168,21 @@ async def hold_cancellations(
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             throw = None
+            if yielded is not None:  # a future (None: a bare yield, as asyncio.sleep(0)'s)
+                if not getattr(yielded, "_asyncio_future_blocking", False):
+                    throw = RuntimeError(f"hold_cancellations() cannot wait for {yielded!r}")
+                    continue
+                yielded._asyncio_future_blocking = False
             if holding is not None:
                 if not holding():
                     # not holding yet: wait as the task would for ``coro`` itself (inline:
                     # no coroutine of its own, no frame, per wait)
-                    if yielded is None:  # a bare yield
+                    if yielded is None:
                         try:
                             await asyncio.sleep(0)
                         except asyncio.CancelledError as exc:
                             throw = exc
                         continue
-                    if not getattr(yielded, "_asyncio_future_blocking", False):
-                        throw = RuntimeError(f"hold_cancellations() cannot wait for {yielded!r}")
-                        continue
-                    yielded._asyncio_future_blocking = False
                     passed: asyncio.Future[Any] = yielded
                     try:
                         await passed  # the task's cancel() cancels this very future
@@ -193,17 +194,13 @@ async def hold_cancellations(
                         # else the future's own outcome: the coroutine reads it
                     continue
                 holding = None  # from now on, until the end
-            if yielded is None:  # a bare yield (asyncio.sleep(0)): let the loop run once
+            if yielded is None:  # let the loop run once
                 try:
                     await asyncio.sleep(0)
                 except asyncio.CancelledError as exc:
                     held.append(exc)
                     deadline = deadline or loop.time() + CLEANUP_GRACE
                 continue
-            if not getattr(yielded, "_asyncio_future_blocking", False):
-                throw = RuntimeError(f"hold_cancellations() cannot wait for {yielded!r}")
-                continue
-            yielded._asyncio_future_blocking = False
             future: asyncio.Future[Any] = yielded
             while not future.done():
                 waiter = loop.create_future()

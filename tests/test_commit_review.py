@@ -310,6 +310,30 @@ async def test_a_residual_flush_given_up_on_is_rolled_back_not_an_unknown_outcom
     assert isinstance(commit_error, asyncio.CancelledError), repr(commit_error)
 
 
+@contextlib.asynccontextmanager
+async def writer_turn_held_by_a_flush(
+    Session: SessionFactory, name: str | None = None
+) -> AsyncIterator[None]:
+    """While the block runs, a task (named ``name``) holds SQLite's writer turn, taken by the
+    flush of a ``Session.begin()`` block it keeps open."""
+    release, holding = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with Session.begin() as session:
+            session.add(User(name="holder"))
+            await session.flush()  # takes the writer turn
+            holding.set()
+            await release.wait()
+
+    holding_task = asyncio.create_task(holder(), name=name)
+    await holding.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        await holding_task
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the in-process writer turn
 async def test_a_writer_turn_timing_out_in_a_residual_flush_is_the_lock_timeout(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
@@ -326,15 +350,6 @@ async def test_a_writer_turn_timing_out_in_a_residual_flush_is_the_lock_timeout(
     try:
         await reset_schema(engine)
         Session = asyncorm.async_sessionmaker(engine)
-        release, holding = asyncio.Event(), asyncio.Event()
-
-        async def holder() -> None:
-            async with Session.begin() as session:
-                session.add(User(name="holder"))
-                await session.flush()  # takes the writer turn
-                holding.set()
-                await release.wait()
-
         def add_late(session: Any) -> None:
             if not session.new:
                 session.add(User(name="late"))
@@ -349,13 +364,8 @@ async def test_a_writer_turn_timing_out_in_a_residual_flush_is_the_lock_timeout(
             assert task is not None
             return task.cancelling()
 
-        holding_task = asyncio.create_task(holder())
-        await holding.wait()
-        try:
+        async with writer_turn_held_by_a_flush(Session):
             assert await asyncio.create_task(committer()) == 0
-        finally:
-            release.set()
-            await holding_task
         assert await names(Session) == ["holder"]
     finally:
         await engine.dispose()
@@ -375,18 +385,7 @@ async def test_the_lock_timeout_names_the_users_line_for_a_turn_a_flush_took(
     try:
         await reset_schema(engine)
         Session = asyncorm.async_sessionmaker(engine)
-        release, holding = asyncio.Event(), asyncio.Event()
-
-        async def holder() -> None:
-            async with Session.begin() as session:
-                session.add(User(name="holder"))
-                await session.flush()  # takes the writer turn
-                holding.set()
-                await release.wait()
-
-        holding_task = asyncio.create_task(holder(), name="flushing-holder")
-        await holding.wait()
-        try:
+        async with writer_turn_held_by_a_flush(Session, "flushing-holder"):
             with pytest.raises(
                 asyncorm.SQLiteWriteLockTimeout,
                 match=r"task 'flushing-holder' has held it for [\d.]+s through session "
@@ -395,8 +394,5 @@ async def test_the_lock_timeout_names_the_users_line_for_a_turn_a_flush_took(
             ):
                 async with Session.begin() as session:
                     session.add(User(name="waiting"))
-        finally:
-            release.set()
-            await holding_task
     finally:
         await engine.dispose()
