@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -397,15 +398,7 @@ def ending_may_suspend(connection: Connection) -> bool:
 
 def _transaction_open(dbapi_connection: Any, driver: Any) -> bool:
     """Whether the driver says a transaction is open; both drivers know it without IO."""
-    adapter_class = type(dbapi_connection)
-    counts_queued = _COUNTS_QUEUED.get(adapter_class)
-    if counts_queued is None:
-        # asked of the class once: on SQLAlchemy's adapters, which forward unknown attributes
-        # to the driver through __getattr__, a missing attribute costs a raised AttributeError
-        counts_queued = _COUNTS_QUEUED[adapter_class] = hasattr(
-            adapter_class, "may_be_in_transaction"
-        )
-    if counts_queued:  # asyncorm's aiosqlite adapter: counts calls still queued
+    if _counts_queued(dbapi_connection.__class__):  # asyncorm's aiosqlite adapter
         return bool(dbapi_connection.may_be_in_transaction)
     if driver is None:
         return True
@@ -439,8 +432,13 @@ def raised_by_statement(exc: BaseException) -> bool:
     return getattr(exc, _FROM_STATEMENT, False) is True
 
 
-_COUNTS_QUEUED: dict[type, bool] = {}
-"""DBAPI adapter classes -> whether they have asyncorm's ``may_be_in_transaction``."""
+@functools.cache
+def _counts_queued(adapter_class: type) -> bool:
+    """Whether DBAPI adapters of ``adapter_class`` have asyncorm's ``may_be_in_transaction``
+    (counting calls still queued). Asked of the class, once: on SQLAlchemy's adapters, which
+    forward unknown attributes to the driver through ``__getattr__``, a missing attribute
+    costs a raised AttributeError."""
+    return hasattr(adapter_class, "may_be_in_transaction")
 
 
 def _keep_connection_on_cancel(context: ExceptionContext) -> None:

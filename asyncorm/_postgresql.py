@@ -48,6 +48,7 @@ default_transaction_isolation``): the default is read once per physical connecti
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -292,17 +293,12 @@ def _changes_default(statement: str) -> bool:
     ``SET ROLE``, ``SET SESSION AUTHORIZATION``). This runs for every statement: the answer
     is kept per SQL text (the same string object for every execution of a cached compiled
     statement, so the lookup is a hash already computed) for texts shorter than
-    :data:`_CACHED_TEXT` characters, and the cache is emptied when it reaches
-    :data:`_CHANGES_CACHE_SIZE` texts (statements rendered per execution, such as expanded
-    ``IN`` lists, are new texts each time)."""
-    verdict = _changes_cache.get(statement)
-    if verdict is None:
-        verdict = _judge_changes_default(statement)
-        if len(statement) < _CACHED_TEXT:
-            if len(_changes_cache) >= _CHANGES_CACHE_SIZE:
-                _changes_cache.clear()
-            _changes_cache[statement] = verdict
-    return verdict
+    :data:`_CACHED_TEXT` characters, the :data:`_CHANGES_CACHE_SIZE` most recent ones
+    (statements rendered per execution, such as expanded ``IN`` lists, are new texts each
+    time)."""
+    if len(statement) < _CACHED_TEXT:
+        return _judged_changes_default(statement)
+    return _judge_changes_default(statement)
 
 
 def _judge_changes_default(statement: str) -> bool:
@@ -331,7 +327,9 @@ _SEARCH_PATH = re.compile(
 
 _CHANGES_CACHE_SIZE = 500
 _CACHED_TEXT = 4096  # at most ~2 MB of SQL text kept
-_changes_cache: dict[str, bool] = {}
+_judged_changes_default = functools.lru_cache(maxsize=_CHANGES_CACHE_SIZE)(
+    _judge_changes_default
+)
 
 
 _SHADOWED = "shadowed"
