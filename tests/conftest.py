@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,3 +194,29 @@ def pgbouncer() -> Iterator[bouncer.Bouncer]:
         yield running
     finally:
         running.stop()
+
+
+_HOLD_WRITE_LOCK = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("BEGIN IMMEDIATE")
+c.execute(sys.argv[2])
+print("held", flush=True)
+sys.stdin.readline()
+c.execute(sys.argv[3])
+"""
+
+
+async def another_process_writing(
+    path: str, statement: str, end: str
+) -> asyncio.subprocess.Process:
+    """Another process holding SQLite's write lock on ``path``: it has run BEGIN IMMEDIATE and
+    ``statement`` when this returns, and ends its transaction with ``end`` (``COMMIT`` or
+    ``ROLLBACK``) once a line is written to its stdin."""
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLD_WRITE_LOCK, path, statement, end,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert other.stdout is not None
+    assert await other.stdout.readline() == b"held\n"
+    return other

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import asyncorm
-from tests.conftest import Backend, reset_schema
+from tests.conftest import Backend, another_process_writing, reset_schema
 from tests.models import Account, Address, Base, User
 
 SessionFactory = asyncorm.async_sessionmaker[asyncorm.AsyncSession]
@@ -338,17 +337,6 @@ async def test_a_core_connection_keeps_working_across_its_transactions(
     assert await balances(Session) == 100 * 8 + 2 + 7
 
 
-HOLD_WRITE_LOCK = """
-import sqlite3, sys
-c = sqlite3.connect(sys.argv[1], isolation_level=None)
-c.execute("BEGIN IMMEDIATE")
-c.execute("UPDATE accounts SET balance = balance WHERE id = 3")
-print("held", flush=True)
-sys.stdin.readline()
-c.execute("ROLLBACK")
-"""
-
-
 async def test_a_snapshots_first_write_waits_for_another_process(
     wal_engine: AsyncEngine,
 ) -> None:
@@ -357,13 +345,10 @@ async def test_a_snapshots_first_write_waits_for_another_process(
     sqlite_engine = wal_engine
     path = sqlite_engine.url.database
     assert path is not None
-    other = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLD_WRITE_LOCK, path,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert other.stdout is not None
+    other = await another_process_writing(
+        path, "UPDATE accounts SET balance = balance WHERE id = 3", "ROLLBACK"
+    )
     assert other.stdin is not None
-    assert await other.stdout.readline() == b"held\n"
     Session = asyncorm.async_sessionmaker(sqlite_engine)
     async with Session() as session:
         account = await session.get(Account, 3)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from sqlalchemy.orm.exc import StaleDataError
 import asyncorm
 from asyncorm._outer import OuterTransaction
 from asyncorm._sqlite import _SQLiteProfile
-from tests.conftest import reset_schema
+from tests.conftest import another_process_writing, reset_schema
 from tests.models import Account, Address, User
 
 AnySessionmaker = Callable[[], Any]
@@ -285,17 +284,6 @@ async def test_a_reader_reads_while_a_writer_holds_its_transaction_open(
     assert await _total(sqlite_engine) == 900
 
 
-HOLD_WRITE_LOCK = """
-import sqlite3, sys
-c = sqlite3.connect(sys.argv[1], isolation_level=None)
-c.execute("BEGIN IMMEDIATE")
-c.execute("UPDATE accounts SET balance = balance + 10 WHERE id = 1")
-print("held", flush=True)
-sys.stdin.readline()
-c.execute("COMMIT")
-"""
-
-
 async def test_a_declared_unit_waits_for_another_processs_writer(
     sqlite_engine: AsyncEngine, trips: Trips
 ) -> None:
@@ -304,13 +292,10 @@ async def test_a_declared_unit_waits_for_another_processs_writer(
     succeeds, reading what the other process committed."""
     path = sqlite_engine.url.database
     assert path is not None
-    other = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLD_WRITE_LOCK, path,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert other.stdout is not None
+    other = await another_process_writing(
+        path, "UPDATE accounts SET balance = balance + 10 WHERE id = 1", "COMMIT"
+    )
     assert other.stdin is not None
-    assert await other.stdout.readline() == b"held\n"
     trips.on_the_way.clear()
     unit = asyncio.create_task(_transfer(asyncorm.async_sessionmaker(sqlite_engine), 1, 2, 10))
     await trips.on_the_way.wait()  # BEGIN IMMEDIATE + SELECT are on their way
